@@ -1,0 +1,1 @@
+"""Neural ODE image classifiers: configuration, data, models, training, evaluation."""
