@@ -1,0 +1,160 @@
+"""The `odenet` command: train, describe, evaluate, report, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from odenet.config import ConfigError, RunConfig
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, generated from the dataclass: the fields are the one place."""
+    group = parser.add_argument_group("run configuration (defaults are the study's)")
+    group.add_argument("--config", metavar="FILE", help="YAML or JSON file of run settings; flags override it")
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if str(f.type) == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            # Values stay strings here: RunConfig.from_dict coerces and validates them all
+            # at once, so every bad flag is reported in one message.
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    if args.config:
+        return RunConfig.from_file(args.config, **given)
+    return RunConfig.from_dict(given)
+
+
+def format_epoch(m, max_epochs: int) -> str:
+    return (f"epoch {m.epoch:>3}/{max_epochs}  train_loss {m.train_loss:.4f}  train_acc {m.train_acc:.4f}  "
+            f"val_loss {m.val_loss:.4f}  val_acc {m.val_acc:.4f}  fnfe {m.fnfe:6.1f}  bnfe {m.bnfe:6.1f}  "
+            f"time {m.epoch_time_s:7.2f}s")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from odenet import tracking
+    from odenet.failures import Diverged
+    from odenet.run import execute
+
+    config = config_from_args(args)
+    checkpoint_dir = Path(args.checkpoint_dir or Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (checkpoint_dir / "checkpoint.pt").exists() and not args.resume:
+        raise ConfigError([f"--checkpoint-dir {checkpoint_dir} already holds a run: pass --resume to "
+                           f"continue it, or choose another folder"])
+    tracker = tracking.MlflowTracker.from_environment(experiment=args.experiment, run_name=args.run_name)
+    print(f"run: {config.model} on {config.dataset}, checkpoints in {checkpoint_dir}", flush=True)
+    try:
+        outcome = execute(config, checkpoint_dir=checkpoint_dir, tracker=tracker,
+                          on_epoch=lambda m, _: print(format_epoch(m, config.max_epochs), flush=True))
+    except Diverged as exc:
+        print(f"diverged: {exc.cause} at epoch {exc.epoch}"
+              + (f", batch {exc.batch}" if exc.batch is not None else "") + f": {exc.detail}", file=sys.stderr)
+        tracker.print_where()
+        return EXIT_DIVERGED
+    print(summary(outcome))
+    tracker.print_where()
+    return 0
+
+
+def summary(outcome) -> str:
+    r, fitted = outcome.report, outcome.fitted
+    lines = [
+        f"best epoch {fitted.best_epoch} of {len(fitted.history)}"
+        + (" (early stopping)" if fitted.stopped_early else ""),
+        f"test accuracy {r.accuracy:.4f}  test loss {r.loss:.4f}  test fnfe {r.fnfe:.1f}",
+        f"parameters {r.params_total:,} in total, {r.params_outside_head:,} outside the head",
+    ]
+    if outcome.reevaluation is not None:
+        lines.append("solver re-evaluation:")
+        lines.append(outcome.reevaluation.to_string(index=False))
+    return "\n".join(lines)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from odenet.models import build, describe
+
+    print(describe(build(config_from_args(args))))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from odenet import tracking
+
+    print(tracking.evaluate_logged_run(args.run_id, data_dir=args.data_dir, device=args.device,
+                                       test_subset=args.test_subset))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from odenet import report
+
+    print(report.main(args.experiment, out_dir=args.out))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from odenet import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="odenet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one run and log it to MLflow",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_options(train)
+    train.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default runs/MODEL-TIME)")
+    train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir")
+    train.add_argument("--experiment", default="odenet", help="MLflow experiment name")
+    train.add_argument("--run-name", help="MLflow run name (default: MLflow picks one)")
+    train.set_defaults(func=cmd_train)
+
+    describe = sub.add_parser("describe", help="print a model's layers and parameter counts")
+    add_config_options(describe)
+    describe.set_defaults(func=cmd_describe)
+
+    evaluate = sub.add_parser("evaluate", help="re-run the test evaluation of a run logged in MLflow")
+    evaluate.add_argument("--run-id", required=True, help="MLflow run id")
+    evaluate.add_argument("--data-dir", help="data folder (default $ODENET_DATA_DIR)")
+    evaluate.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    report = sub.add_parser("report", help="the study's tables from an MLflow experiment")
+    report.add_argument("--experiment", required=True, help="MLflow experiment name")
+    report.add_argument("--out", metavar="DIR", help="also write the tables as CSV and the figures as PNG here")
+    report.set_defaults(func=cmd_report)
+
+    bench = sub.add_parser("bench", help="measure training speed against baselines; writes BENCHMARKS.md")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from odenet.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The run configuration: one typed object, the only source of a run's settings.
+
+A `RunConfig` is built from CLI flags, from a plain dict (what a Ray Tune trial
+receives) or from a YAML/JSON file, and validated once, here, with a message that
+names every bad field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+DATASETS = ("fashion-mnist", "cifar10")
+MODELS = ("odenet-simple", "resnet-small", "resnet-large", "odenet-complex", "resnet-complex")
+ODE_MODELS = ("odenet-simple", "odenet-complex")
+ACTIVATIONS_BEFORE = ("none", "relu", "tanh", "softplus")
+ACTIVATIONS_INSIDE = ("relu", "tanh", "softplus")
+NORMS = ("groupnorm", "batchnorm", "none")
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun3", "rk4", "explicit_adams", "implicit_adams")
+SOLVERS = ADAPTIVE_SOLVERS + FIXED_STEP_SOLVERS
+ADJOINT_MODES = ("adjoint", "seminorm", "direct")
+OPTIMIZERS = ("adam", "sgd")
+STRIDES = (1, 2)
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one training run, with the study's defaults."""
+
+    # data
+    dataset: str = _opt(f"data set: {', '.join(DATASETS)}", default="fashion-mnist")
+    data_dir: str | None = _opt(
+        "data folder (torchvision layout); default $ODENET_DATA_DIR or ~/.cache/odenet/data",
+        default=None,
+    )
+    subset: int | None = _opt("train on the first N training images (the study used 10000)", default=None)
+    test_subset: int | None = _opt("evaluate on the first N test images (default: all)", default=None)
+    seed: int = _opt("seed of the weights and the batch order", default=0)
+    split_seed: int = _opt("seed of the 20% validation split; keep it fixed across a sweep", default=0)
+    # model
+    model: str = _opt(f"model: {', '.join(MODELS)}", default="odenet-simple")
+    width: int | None = _opt(
+        "width: channels C of the simple models (default 64 for FashionMNIST, 256 for "
+        "CIFAR-10), first-stage channels of the complex ones (default 64)",
+        default=None,
+    )
+    augment_dims: int = _opt("augmented zero channels A", default=2)
+    stride: int = _opt("stride of the stem convolution: 1 or 2", default=2)
+    activation_before: str = _opt(f"activation before the block: {', '.join(ACTIVATIONS_BEFORE)}", default="relu")
+    activation_inside: str = _opt(f"activation inside the block: {', '.join(ACTIVATIONS_INSIDE)}", default="relu")
+    norm: str = _opt(f"norm inside the block: {', '.join(NORMS)}", default="groupnorm")
+    # ODE solve
+    final_time: float = _opt("final time T_n of the ODE solve", default=1.0)
+    solver: str = _opt(f"torchdiffeq solver: {', '.join(SOLVERS)}", default="dopri5")
+    rtol: float = _opt("relative tolerance of adaptive solvers", default=1e-3)
+    atol: float = _opt("absolute tolerance of adaptive solvers", default=1e-3)
+    step_size: float = _opt("step size of fixed-step solvers", default=0.1)
+    max_num_steps: int = _opt("adaptive solvers give up after this many steps (a diverged trial)", default=1000)
+    adjoint: str = _opt(
+        "backpropagation: adjoint, seminorm (adjoint with seminorm error control) or direct",
+        default="adjoint",
+    )
+    # optimisation
+    optimizer: str = _opt(f"optimizer: {', '.join(OPTIMIZERS)}", default="adam")
+    lr: float = _opt("learning rate", default=1e-3)
+    weight_decay: float = _opt("weight decay", default=0.0)
+    momentum: float = _opt("momentum of sgd", default=0.9)
+    batch_size: int = _opt("batch size", default=128)
+    max_epochs: int = _opt("most epochs to train", default=100)
+    patience: int = _opt("stop after this many epochs without a better validation loss", default=5)
+    # where
+    device: str = _opt("device: auto, cpu, cuda or cuda:N", default="auto")
+    reevaluate: bool = _opt("re-evaluate ODE models with other solvers after training", default=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate a config from a plain dict; unknown keys are errors."""
+        errors: list[str] = []
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in known:
+                errors.append(f"unknown field {key!r}: expected one of {', '.join(known)}")
+                continue
+            try:
+                kwargs[key] = _coerce(raw, _field_type(known[key]))
+            except (TypeError, ValueError):
+                errors.append(f"{key}={raw!r}: expected {_type_name(known[key])}")
+        if errors:
+            raise ConfigError(errors)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "RunConfig":
+        """Load a YAML or JSON file; keyword overrides win over the file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError([f"config file {str(path)!r}: {exc.strerror}"]) from None
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ConfigError([f"config file {str(path)!r}: expected a mapping of field names to values"])
+        return cls.from_dict({**values, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict of every field: what MLflow logs as params and Tune passes to trials."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy with some fields changed."""
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    @property
+    def is_ode(self) -> bool:
+        return self.model in ODE_MODELS
+
+    @property
+    def channels(self) -> int:
+        """Width: the study's C (64 FashionMNIST, 256 CIFAR-10), or 64 for complex models."""
+        if self.width is not None:
+            return self.width
+        if self.model.endswith("complex") or self.dataset == "fashion-mnist":
+            return 64
+        return 256
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every invalid field at once."""
+        errors: list[str] = []
+
+        def choice(name: str, allowed: tuple) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                errors.append(f"{name}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+        def at_least(name: str, low: float, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+                errors.append(f"{name}={value!r}: expected a number >= {low}")
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                errors.append(f"{name}={value!r}: expected a number > 0")
+
+        choice("dataset", DATASETS)
+        choice("model", MODELS)
+        choice("activation_before", ACTIVATIONS_BEFORE)
+        choice("activation_inside", ACTIVATIONS_INSIDE)
+        choice("norm", NORMS)
+        choice("solver", SOLVERS)
+        choice("adjoint", ADJOINT_MODES)
+        choice("optimizer", OPTIMIZERS)
+        choice("stride", STRIDES)
+        at_least("subset", 10, optional=True)
+        at_least("test_subset", 1, optional=True)
+        at_least("width", 1, optional=True)
+        at_least("augment_dims", 0)
+        at_least("seed", 0)
+        at_least("split_seed", 0)
+        positive("final_time")
+        positive("rtol")
+        positive("atol")
+        positive("step_size")
+        at_least("max_num_steps", 1)
+        positive("lr")
+        at_least("weight_decay", 0)
+        at_least("momentum", 0)
+        if isinstance(self.momentum, (int, float)) and self.momentum >= 1:
+            errors.append(f"momentum={self.momentum!r}: expected a number in [0, 1)")
+        at_least("batch_size", 1)
+        at_least("max_epochs", 1)
+        at_least("patience", 1)
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            errors.append(f"device={self.device!r}: expected one of auto, cpu, cuda, cuda:N")
+        if errors:
+            raise ConfigError(errors)
+
+
+class ConfigError(ValueError):
+    """Invalid run settings; the message lists every bad field."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid run configuration:\n  " + "\n  ".join(self.errors))
+
+
+def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional) of a RunConfig field, from its annotation string."""
+    annotation = str(f.type)
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").strip()
+    return {"str": str, "int": int, "float": float, "bool": bool}[base], optional
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    base, optional = _field_type(f)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return names[base] + (" or null" if optional else "")
+
+
+def _coerce(raw: Any, type_info: tuple[type, bool]) -> Any:
+    """Accept what YAML, JSON, argparse and Tune hand us (e.g. '1e-3', numpy scalars)."""
+    base, optional = type_info
+    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise TypeError("null")
+    if base is bool:
+        if isinstance(raw, str):
+            if raw.lower() in ("true", "yes", "1", "on"):
+                return True
+            if raw.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(raw)
+        if hasattr(raw, "item"):
+            raw = raw.item()
+        if isinstance(raw, (bool, int)) and raw in (0, 1):
+            return bool(raw)
+        raise TypeError(raw)
+    if base is int:
+        if isinstance(raw, bool):
+            raise TypeError(raw)
+        value = float(raw)
+        if not value.is_integer():
+            raise ValueError(raw)
+        return int(value)
+    if base is float:
+        if isinstance(raw, bool):
+            raise TypeError(raw)
+        return float(raw)
+    if not isinstance(raw, str):
+        raise TypeError(raw)
+    return raw

@@ -1,0 +1,298 @@
+"""The study's classifiers: stem -> block(s) -> linear head over the flattened state.
+
+One block function `f` (conv3x3 -> norm -> activation) serves the ODEnet, where it is
+the dynamics dz/dt = f(z), and the ResNets, where each residual block is x + f_i(x):
+a ResNet is the ODEnet's Euler discretisation with separate weights per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from odenet.config import FIXED_STEP_SOLVERS, RunConfig
+from odenet.data import IMAGE_SHAPE
+
+NUM_CLASSES = 10
+
+
+def activation(name: str) -> nn.Module:
+    return {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus}[name]()
+
+
+def group_count(channels: int) -> int:
+    """The largest group count that divides `channels` and is at most 32."""
+    return max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "groupnorm":
+        return nn.GroupNorm(group_count(channels), channels)
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+def block_function(channels: int, norm: str, act: str) -> nn.Sequential:
+    """f = conv3x3 -> norm -> activation, shape-preserving: the ODE's dynamics or a residual branch."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1), norm_layer(norm, channels), activation(act)
+    )
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, f: nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How an ODE block integrates: method, tolerances, step size and backpropagation."""
+
+    method: str = "dopri5"
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    step_size: float = 0.1
+    max_num_steps: int = 1000
+    adjoint: str = "adjoint"  # adjoint | seminorm | direct
+
+    @classmethod
+    def of(cls, config: RunConfig) -> "SolverSettings":
+        return cls(config.solver, config.rtol, config.atol, config.step_size,
+                   config.max_num_steps, config.adjoint)
+
+    @property
+    def options(self) -> dict:
+        if self.method in FIXED_STEP_SOLVERS:
+            return {"step_size": self.step_size}
+        return {"max_num_steps": self.max_num_steps}
+
+
+class CountedDynamics(nn.Module):
+    """Wraps f as dz/dt = f(z) and counts its evaluations in the forward and backward pass.
+
+    `fnfe` counts calls of f; `bnfe` counts vector-Jacobian products through f, which is
+    what the backward pass costs for the adjoint (one per adjoint step evaluation) and for
+    direct backpropagation (one per recorded forward evaluation) alike.
+    """
+
+    def __init__(self, f: nn.Module):
+        super().__init__()
+        self.f = f
+        self.fnfe = 0
+        self.bnfe = 0
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        self.fnfe += 1
+        dz = self.f(z)
+        if dz.requires_grad:
+            dz.register_hook(self._count_vjp)
+        return dz
+
+    def _count_vjp(self, grad: torch.Tensor) -> None:
+        self.bnfe += 1
+
+    def reset(self) -> None:
+        self.fnfe = self.bnfe = 0
+
+
+class ODEBlock(nn.Module):
+    """Solves dz/dt = f(z) from t = 0 to t = final_time and returns z(final_time)."""
+
+    def __init__(self, f: nn.Module, final_time: float, solver: SolverSettings):
+        super().__init__()
+        self.dynamics = CountedDynamics(f)
+        self.final_time = final_time
+        self.solver = solver
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        t = torch.tensor([0.0, self.final_time], device=z.device, dtype=z.dtype)
+        s = self.solver
+        kwargs = dict(rtol=s.rtol, atol=s.atol, method=s.method, options=s.options)
+        if s.adjoint != "direct" and torch.is_grad_enabled():
+            adjoint_options = {**s.options, "norm": "seminorm"} if s.adjoint == "seminorm" else None
+            out = odeint_adjoint(self.dynamics, z, t, adjoint_options=adjoint_options,
+                                 adjoint_params=tuple(self.dynamics.parameters()), **kwargs)
+        else:
+            out = odeint(self.dynamics, z, t, **kwargs)
+        return out[-1]
+
+
+class Augment(nn.Module):
+    """Concatenates `dims` zero channels (augmented Neural ODEs)."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dims == 0:
+            return x
+        return F.pad(x, (0, 0, 0, 0, 0, self.dims))
+
+
+class Classifier(nn.Module):
+    """features -> flatten -> linear head; `ode_blocks` lists the blocks whose NFE counts."""
+
+    def __init__(self, features: nn.Module, head_in: int):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(head_in, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+    @property
+    def ode_blocks(self) -> list[ODEBlock]:
+        return [m for m in self.modules() if isinstance(m, ODEBlock)]
+
+    def reset_nfe(self) -> None:
+        for block in self.ode_blocks:
+            block.dynamics.reset()
+
+    @property
+    def fnfe(self) -> int:
+        return sum(b.dynamics.fnfe for b in self.ode_blocks)
+
+    @property
+    def bnfe(self) -> int:
+        return sum(b.dynamics.bnfe for b in self.ode_blocks)
+
+    def set_solver(self, solver: SolverSettings) -> None:
+        for block in self.ode_blocks:
+            block.solver = solver
+
+
+def parameter_counts(model: Classifier) -> dict[str, int]:
+    """Parameters in total and outside the linear head (the study's two counts)."""
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    return {"params_total": total, "params_outside_head": total - head}
+
+
+def build(config: RunConfig) -> Classifier:
+    """The classifier a run configuration describes."""
+    image = IMAGE_SHAPE[config.dataset]
+    if config.model.endswith("complex"):
+        return _build_complex(config, image)
+    return _build_simple(config, image)
+
+
+def _build_simple(config: RunConfig, image: tuple[int, int, int]) -> Classifier:
+    c_in, h, w = image
+    state = config.channels + config.augment_dims
+    side_h, side_w = -(-h // config.stride), -(-w // config.stride)
+
+    def f() -> nn.Module:
+        return block_function(state, config.norm, config.activation_inside)
+
+    if config.model == "odenet-simple":
+        stem = [nn.Conv2d(c_in, config.channels, 1, stride=config.stride),
+                activation(config.activation_before), Augment(config.augment_dims)]
+        body = [ODEBlock(f(), config.final_time, SolverSettings.of(config))]
+    else:
+        # The ResNets' stem makes the C+A channels the ODEnet gets by augmentation.
+        stem = [nn.Conv2d(c_in, state, 1, stride=config.stride), activation(config.activation_before)]
+        depth = 1 if config.model == "resnet-small" else 3
+        body = [ResidualBlock(f()) for _ in range(depth)]
+    return Classifier(nn.Sequential(*stem, *body), state * side_h * side_w)
+
+
+# -- complex models -------------------------------------------------------------------
+
+
+def _pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, 0, 0, channels - x.shape[1]))
+
+
+class Stage(nn.Module):
+    """conv3x3 -> maxpool 2 -> norm -> activation; `residual` adds the zero-padded input
+    before the pooling (the ResNet-complex shortcut, no 1x1 convolutions)."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str, act: str, residual: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.post = nn.Sequential(nn.MaxPool2d(2), norm_layer(norm, c_out), activation(act))
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.residual:
+            y = y + _pad_channels(x, y.shape[1])
+        return self.post(y)
+
+
+def _stages(c_in: int, width: int, config: RunConfig, residual: bool) -> nn.Sequential:
+    widths = (c_in, width, 2 * width, 4 * width)
+    return nn.Sequential(*(
+        Stage(widths[i], widths[i + 1], config.norm, config.activation_inside, residual)
+        for i in range(3)
+    ))
+
+
+class ShapeChangingDynamics(nn.Module):
+    """f for an ODE state of the input's full size: drop the padding channels (keeping one
+    zero channel as augmentation), run the stages, zero-pad their output back to the
+    state's shape. This is how layers that change shape live inside an ODE block."""
+
+    def __init__(self, stages: nn.Module, keep_channels: int):
+        super().__init__()
+        self.stages = stages
+        self.keep_channels = keep_channels
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.stages(z[:, : self.keep_channels])
+        h, w = z.shape[-2:]
+        return F.pad(out, (0, w - out.shape[-1], 0, h - out.shape[-2], 0, z.shape[1] - out.shape[1]))
+
+
+class PadTo(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pad_channels(x, self.channels)
+
+
+class CropTo(nn.Module):
+    """Crops the padding off the ODE state: the region the stages wrote."""
+
+    def __init__(self, height: int, width: int):
+        super().__init__()
+        self.height, self.width = height, width
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, :, : self.height, : self.width]
+
+
+def _build_complex(config: RunConfig, image: tuple[int, int, int]) -> Classifier:
+    c_in, h, w = image
+    width = config.channels
+    out_channels, out_h, out_w = 4 * width, h // 8, w // 8
+    head_in = out_channels * out_h * out_w
+    if config.model == "resnet-complex":
+        return Classifier(_stages(c_in, width, config, residual=True), head_in)
+    keep = c_in + 1  # the image channels and one zero channel of augmentation
+    f = ShapeChangingDynamics(_stages(keep, width, config, residual=False), keep)
+    features = nn.Sequential(
+        PadTo(out_channels),
+        ODEBlock(f, config.final_time, SolverSettings.of(config)),
+        CropTo(out_h, out_w),
+    )
+    return Classifier(features, head_in)
+
+
+def describe(model: Classifier) -> str:
+    """The model's layers and parameter counts, as `odenet describe` prints them."""
+    counts = parameter_counts(model)
+    return (f"{model}\n\nparameters: {counts['params_total']:,} in total, "
+            f"{counts['params_outside_head']:,} outside the head")

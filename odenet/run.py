@@ -1,0 +1,113 @@
+"""One whole run: train, evaluate on the test set, re-evaluate the solver, report.
+
+`execute` is what `odenet train` and every Ray Tune trial call. Reporting goes
+through a `Tracker` (MLflow in practice), so this module knows nothing of where
+results end up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from odenet.config import RunConfig
+from odenet.evaluate import TestReport, evaluate, reevaluate
+from odenet.failures import Diverged
+from odenet.models import SolverSettings
+from odenet.train import CHECKPOINT_FILE, EpochCallback, EpochMetrics, FitResult, fit, load_checkpoint
+
+
+@dataclass
+class RunOutcome:
+    config: RunConfig
+    fitted: FitResult
+    report: TestReport
+    reevaluation: pd.DataFrame | None
+
+    def final_metrics(self) -> dict[str, float]:
+        """Test metrics, parameter counts, best epoch and the solver re-evaluation, flat."""
+        metrics = {**self.report.metrics(), "best_epoch": self.fitted.best_epoch,
+                   "epochs": len(self.fitted.history)}
+        if self.fitted.history:
+            best = self.fitted.history[self.fitted.best_epoch - self.fitted.history[0].epoch]
+            metrics["best_val_acc"] = best.val_acc
+            metrics["best_val_loss"] = best.val_loss
+            metrics["mean_epoch_time_s"] = sum(m.epoch_time_s for m in self.fitted.history) / len(self.fitted.history)
+            metrics["mean_fnfe"] = sum(m.fnfe for m in self.fitted.history) / len(self.fitted.history)
+            metrics["mean_bnfe"] = sum(m.bnfe for m in self.fitted.history) / len(self.fitted.history)
+        if self.reevaluation is not None:
+            for row in self.reevaluation.itertuples():
+                metrics[f"eval_acc_{row.solver}"] = row.accuracy
+                metrics[f"eval_fnfe_{row.solver}"] = row.fnfe
+        return metrics
+
+
+class Tracker(Protocol):
+    """Where a run's results go. `start` returns the tracking run id, kept in checkpoints."""
+
+    def start(self, config: RunConfig, resume_run_id: str | None) -> str | None: ...
+    def log_epoch(self, metrics: EpochMetrics) -> None: ...
+    def finish(self, outcome: RunOutcome) -> None: ...
+    def fail(self, error: Diverged) -> None: ...
+    def abort(self) -> None: ...
+
+
+class NoTracker:
+    def start(self, config, resume_run_id):
+        return resume_run_id
+
+    def log_epoch(self, metrics):
+        pass
+
+    def finish(self, outcome):
+        pass
+
+    def fail(self, error):
+        pass
+
+    def abort(self):
+        pass
+
+
+def resumed_run_id(checkpoint_dir: str | Path | None) -> str | None:
+    """The tracking run id stored in an existing checkpoint, if any."""
+    if checkpoint_dir is None or not (Path(checkpoint_dir) / CHECKPOINT_FILE).exists():
+        return None
+    return load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE).get("extra", {}).get("tracking_run_id")
+
+
+def execute(
+    config: RunConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    tracker: Tracker | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> RunOutcome:
+    """Train, evaluate and report one run; a `Diverged` run is reported as failed and re-raised."""
+    tracker = tracker or NoTracker()
+    run_id = tracker.start(config, resumed_run_id(checkpoint_dir))
+
+    def epoch_done(metrics: EpochMetrics, checkpoint: Path | None) -> None:
+        tracker.log_epoch(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, checkpoint)
+
+    extra: dict[str, Any] = {"tracking_run_id": run_id} if run_id else {}
+    try:
+        fitted = fit(config, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra)
+        report = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
+        reevaluation = None
+        if config.is_ode and config.reevaluate:
+            reevaluation = reevaluate(fitted.model, fitted.data.test, SolverSettings.of(config), config.batch_size)
+    except Diverged as exc:
+        tracker.fail(exc)
+        raise
+    except BaseException:
+        tracker.abort()
+        raise
+    outcome = RunOutcome(config, fitted, report, reevaluation)
+    tracker.finish(outcome)
+    return outcome
