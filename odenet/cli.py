@@ -22,7 +22,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
         if str(f.type) == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -115,12 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odenet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train one run and log it to MLflow",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="train one run and log it to MLflow")
     add_config_options(train)
     train.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default runs/MODEL-TIME)")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir")
-    train.add_argument("--experiment", default="odenet", help="MLflow experiment name")
+    train.add_argument("--experiment", default="odenet", help="MLflow experiment name (default: odenet)")
     train.add_argument("--run-name", help="MLflow run name (default: MLflow picks one)")
     train.set_defaults(func=cmd_train)
 

@@ -95,10 +95,12 @@ class RunConfig:
                 kwargs[key] = _coerce(raw, _field_type(known[key]))
             except (TypeError, ValueError):
                 errors.append(f"{key}={raw!r}: expected {_type_name(known[key])}")
+        # Fields of the wrong type keep their defaults so the rest are still checked:
+        # the message lists every bad field at once.
+        config = cls(**kwargs)
+        errors += config.problems()
         if errors:
             raise ConfigError(errors)
-        config = cls(**kwargs)
-        config.validate()
         return config
 
     @classmethod
@@ -142,6 +144,12 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError listing every invalid field at once."""
+        errors = self.problems()
+        if errors:
+            raise ConfigError(errors)
+
+    def problems(self) -> list[str]:
+        """One message per invalid field: the field, its value and what is allowed."""
         errors: list[str] = []
 
         def choice(name: str, allowed: tuple) -> None:
@@ -191,8 +199,7 @@ class RunConfig:
         at_least("patience", 1)
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             errors.append(f"device={self.device!r}: expected one of auto, cpu, cuda, cuda:N")
-        if errors:
-            raise ConfigError(errors)
+        return errors
 
 
 class ConfigError(ValueError):

@@ -230,6 +230,9 @@ class _CheckedCifar10(CIFAR10):
     def _check_integrity(self) -> bool:
         return all((Path(self.root) / self.base_folder / name).exists() for name in CIFAR10_FILES)
 
+    def _load_meta(self) -> None:
+        self.classes = list(CLASS_NAMES["cifar10"])
+
 
 def _download(fetch, name: str, where: Path, offline_hint: str) -> None:
     try:

@@ -1,0 +1,53 @@
+"""Shared fixtures: small data files in real formats, the real FashionMNIST, tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from odenet.config import RunConfig
+from odenet.data import SYSTEM_FASHION_MNIST_IDX, import_fashion_mnist_idx
+from tests.datasets import write_cifar10, write_fashion_mnist_idx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(tmp_path_factory) -> Path:
+    """A data folder holding the real FashionMNIST, imported from the Debian package's IDX files."""
+    if not (SYSTEM_FASHION_MNIST_IDX / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"real FashionMNIST missing at {SYSTEM_FASHION_MNIST_IDX}: "
+                    "apt-get install dataset-fashion-mnist (make test does this)")
+    root = tmp_path_factory.mktemp("data")
+    import_fashion_mnist_idx(SYSTEM_FASHION_MNIST_IDX, root)
+    return root
+
+
+@pytest.fixture
+def fashion_idx(tmp_path, monkeypatch) -> Path:
+    """Small FashionMNIST IDX .gz files, found through $ODENET_FASHION_MNIST_IDX."""
+    folder = write_fashion_mnist_idx(tmp_path / "idx")
+    monkeypatch.setenv("ODENET_FASHION_MNIST_IDX", str(folder))
+    return folder
+
+
+@pytest.fixture
+def cifar_root(tmp_path) -> Path:
+    root = tmp_path / "cifar"
+    write_cifar10(root)
+    return root
+
+
+@pytest.fixture
+def tiny(real_data_dir):
+    """A factory of small, fast configs on real FashionMNIST."""
+
+    def make(**changes) -> RunConfig:
+        values = dict(dataset="fashion-mnist", data_dir=str(real_data_dir), model="resnet-small", width=4,
+                      subset=320, test_subset=200, batch_size=64, max_epochs=2, device="cpu",
+                      reevaluate=False)
+        values.update(changes)
+        return RunConfig.from_dict(values)
+
+    return make
