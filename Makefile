@@ -1,0 +1,49 @@
+# Two entry points: `make demo` (set up, then run the main job) and `make test`.
+# Each creates the virtual environment it needs and fetches the data.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CHECKOV_VENV ?= .venv-checkov
+# Real FashionMNIST for offline machines and Chromium for the UI tests, from Debian/Ubuntu.
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv system-packages checkov clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# checkov pins dependencies that clash with mlflow's, so it lives in its own venv.
+checkov: $(CHECKOV_VENV)/.installed
+
+$(CHECKOV_VENV)/.installed:
+	test -x $(CHECKOV_VENV)/bin/python || python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov>=3.2'
+	touch $@
+
+system-packages:
+	@missing=""; \
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || missing="$$missing dataset-fashion-mnist"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  else \
+	    echo "missing system packages:$$missing (install them with apt-get as root)"; exit 1; \
+	  fi; \
+	fi
+
+demo: venv system-packages
+	$(PY) sweeps/architecture_ablation.py --smoke
+
+test: venv checkov system-packages
+	CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache test-artifacts
