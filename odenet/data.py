@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,8 @@ def import_fashion_mnist_idx(idx_dir: Path, root: Path) -> None:
                 f"{', '.join(n + '.gz' for n in FASHION_MNIST_FILES)}"
             )
         target = raw / name
-        partial = target.with_suffix(".partial")
+        # A unique temporary name: trials on one node may import at the same time.
+        partial = raw / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.partial"
         try:
             with gzip.open(source, "rb") as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)

@@ -36,6 +36,8 @@ EMBEDDED_DB = "mlruns.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 BEST_CHECKPOINT = "checkpoints/model_best.pt"
 TRACKING_URI, TRACKING_USERNAME, TRACKING_PASSWORD = TRACKING
+# A tag that names what a run is for (a Tune trial's id): one run per identity.
+IDENTITY_TAG = "run_identity"
 
 
 class TrackingError(RuntimeError):
@@ -54,6 +56,13 @@ def tracking_uri() -> str:
 
 def is_embedded() -> bool:
     return not os.environ.get(TRACKING_URI)
+
+
+def pin_embedded_store() -> None:
+    """Make the embedded store's absolute URI explicit, so processes started from here
+    (Ray workers, which run in other folders) log to the same store."""
+    if is_embedded():
+        os.environ[TRACKING_URI] = tracking_uri()
 
 
 def check_server(uri: str | None = None, timeout: float = 10.0) -> None:
@@ -97,7 +106,10 @@ def experiment_id(name: str) -> str:
     found = c.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = (Path.cwd() / EMBEDDED_ARTIFACTS).as_uri() if is_embedded() else None
+    uri = tracking_uri()
+    # A local SQLite store keeps its artifacts beside it, whichever folder a process
+    # (a Ray worker, say) happens to run in.
+    location = (Path(uri[len("sqlite:///"):]).parent / EMBEDDED_ARTIFACTS).as_uri() if uri.startswith("sqlite:///") else None
     try:
         return c.create_experiment(name, artifact_location=location)
     except Exception:
@@ -231,17 +243,22 @@ class MlflowTracker:
         from mlflow.entities import Param, RunStatus
 
         c = client()
+        budget = _retry_budget_s()
+        resume_run_id = resume_run_id or self._existing_run()
         if resume_run_id is not None:
             self.run_id = resume_run_id
-            c.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            _retrying(lambda: c.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING)),
+                      "reopening the run", budget)
         else:
             tags = {**run_tags(config), **self.extra_tags}
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            run = c.create_run(experiment_id(self.experiment), run_name=self.run_name, tags=tags)
+            experiment = _retrying(lambda: experiment_id(self.experiment), "finding the experiment", budget)
+            run = _retrying(lambda: c.create_run(experiment, run_name=self.run_name, tags=tags),
+                            "creating the run", budget)
             self.run_id = run.info.run_id
             params = [Param(k, _param_value(v)) for k, v in config.to_dict().items()]
-            c.log_batch(self.run_id, params=params)
+            _retrying(lambda: c.log_batch(self.run_id, params=params), "logging params", budget)
         self._writer = MetricWriter(lambda metrics: client().log_batch(self.run_id, metrics=metrics))
         return self.run_id
 
@@ -280,6 +297,18 @@ class MlflowTracker:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _existing_run(self) -> str | None:
+        """A run already made for this identity (e.g. a Tune trial that died before its first
+        checkpoint): continuing it keeps one MLflow run per trial."""
+        identity = self.extra_tags.get(IDENTITY_TAG)
+        if identity is None:
+            return None
+        found = client().get_experiment_by_name(self.experiment)
+        if found is None:
+            return None
+        runs = client().search_runs([found.experiment_id], f"tags.{IDENTITY_TAG} = '{identity}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -309,9 +338,18 @@ class MlflowTracker:
         if self.run_id is None:
             return
         print(f"mlflow run {self.run_id} in experiment {self.experiment!r} at {tracking_uri()}")
-        if is_embedded():
-            print(f"open the MLflow UI: mlflow ui --backend-store-uri sqlite:///{EMBEDDED_DB} "
-                  f"(in {Path.cwd()}), then http://127.0.0.1:5000")
+        print_ui_hint()
+
+
+def print_ui_hint() -> None:
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        shown = f"sqlite:///{db.name}" if db.parent == Path.cwd() else uri
+        print(f"open the MLflow UI: mlflow ui --backend-store-uri {shown} (in {db.parent}), "
+              f"then http://127.0.0.1:5000")
+    else:
+        print(f"open the MLflow UI: {uri}")
 
 
 def _param_value(value: Any) -> str:

@@ -1,0 +1,518 @@
+"""Ray Tune machinery shared by the study's sweep programs.
+
+A trial is one `odenet.run.execute` call: the same training function as `odenet
+train`, reporting each epoch (metrics and checkpoint) to Tune and to its own MLflow
+child run. Everything here is about searching: the search space, resources, storage,
+restoring a sweep, and the results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from odenet import envvars, tracking
+from odenet.config import ConfigError, RunConfig
+from odenet.failures import Diverged
+from odenet.run import execute
+
+# The one place the sweep's objective is named: the searcher, the scheduler and the
+# results table all read it from here.
+METRIC, MODE = "val_acc", "max"
+# Test-only: a trial process exits once, right after reporting this epoch (fault tolerance tests).
+FAULT_EXIT_AT_EPOCH = "ODENET_FAULT_EXIT_AT_EPOCH"
+# Fields that describe where a run happens rather than what it is: never searched.
+NOT_SEARCHABLE = ("data_dir", "device")
+SAMPLERS = ("loguniform", "uniform")
+
+
+class SweepError(ValueError):
+    """Bad sweep arguments; raised before Ray starts any trial."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("invalid sweep:\n  " + "\n  ".join(self.errors))
+
+
+# -- the search space -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched setting: a choice of values, or a (log-)uniform range."""
+
+    name: str
+    kind: str  # "choice" | "loguniform" | "uniform"
+    values: tuple
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return getattr(tune, self.kind)(*self.values)
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return ", ".join(map(str, self.values))
+        return f"{self.kind}({self.values[0]:g}, {self.values[1]:g})"
+
+
+def choice(*values) -> tuple:
+    return ("choice", values)
+
+
+def loguniform(low: float, high: float) -> tuple:
+    return ("loguniform", (low, high))
+
+
+def uniform(low: float, high: float) -> tuple:
+    return ("uniform", (low, high))
+
+
+def dimension(name: str, spec: Any) -> Dimension:
+    """A Dimension from a declaration: choice(...)/loguniform(...), a YAML list or
+    {loguniform: [low, high]}, a flag string ('relu,tanh', 'loguniform:1e-4:1e-2'), or a value."""
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("choice", *SAMPLERS):
+        return Dimension(name, spec[0], tuple(spec[1]))
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS:
+        kind, bounds = next(iter(spec.items()))
+        return Dimension(name, kind, tuple(bounds) if isinstance(bounds, (list, tuple)) else (bounds,))
+    if isinstance(spec, (list, tuple)):
+        return Dimension(name, "choice", tuple(spec))
+    if isinstance(spec, str):
+        head, _, rest = spec.partition(":")
+        if head in SAMPLERS:
+            return Dimension(name, head, tuple(_number(v) for v in rest.split(":") if v != ""))
+        return Dimension(name, "choice", tuple(_scalar(v) for v in spec.split(",") if v.strip() != ""))
+    return Dimension(name, "choice", (spec,))
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text.strip())
+
+
+def check_space(space: dict[str, Dimension], base: RunConfig) -> list[str]:
+    """Every problem with a search space: unknown dimensions, empty choices, reversed or
+    invalid ranges, values the run configuration would reject."""
+    allowed = [f.name for f in fields(RunConfig) if f.name not in NOT_SEARCHABLE]
+    errors = []
+    for name, dim in space.items():
+        if name not in allowed:
+            errors.append(f"unknown dimension {name!r}: expected one of {', '.join(allowed)}")
+            continue
+        if dim.kind == "choice":
+            if not dim.values:
+                errors.append(f"{name}: the choice list is empty; give at least one value")
+            for value in dim.values:
+                try:
+                    base.replace(**{name: value})
+                except ConfigError as exc:
+                    errors.extend(f"{name}: {e}" for e in exc.errors)
+            continue
+        if len(dim.values) != 2 or not all(isinstance(v, (int, float)) for v in dim.values):
+            errors.append(f"{name}: {dim.kind} needs two numbers, low and high; got {dim.values!r}")
+            continue
+        low, high = dim.values
+        if not low < high:
+            errors.append(f"{name}: {dim.kind}({low:g}, {high:g}) is reversed or empty; expected low < high")
+        elif dim.kind == "loguniform" and low <= 0:
+            errors.append(f"{name}: loguniform({low:g}, {high:g}) needs low > 0")
+        for value in (low, high):
+            try:
+                base.replace(**{name: value})
+            except ConfigError as exc:
+                errors.extend(f"{name}: {e}" for e in exc.errors)
+    return errors
+
+
+def build_space(declared: dict[str, Any], args: argparse.Namespace) -> dict[str, Dimension]:
+    """The declared space, then a --space-file, then --space flags (each overrides the last)."""
+    space = {name: dimension(name, spec) for name, spec in declared.items()}
+    if args.space_file:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(args.space_file).read_text()) or {}
+        except OSError as exc:
+            raise SweepError([f"--space-file {args.space_file}: {exc.strerror}"]) from None
+        if not isinstance(loaded, dict):
+            raise SweepError([f"--space-file {args.space_file}: expected a mapping of dimension names to values"])
+        space.update({name: dimension(name, spec) for name, spec in loaded.items()})
+    errors = []
+    for flag in args.space or []:
+        name, sep, spec = flag.partition("=")
+        if not sep or not name:
+            errors.append(f"--space {flag!r}: expected NAME=VALUES, e.g. final_time=1,2 or lr=loguniform:1e-4:1e-2")
+            continue
+        space[name.strip()] = dimension(name.strip(), spec)
+    if errors:
+        raise SweepError(errors)
+    return space
+
+
+# -- one trial ------------------------------------------------------------------------------
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], experiment: str, parent_run_id: str | None) -> None:
+    """A Tune trial: one odenet run, resumed from Tune's checkpoint when the trial restarts."""
+    import torch
+    from ray import tune
+
+    context = tune.get_context()
+    cpus = context.get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))  # trials share nodes: no oversubscription
+    config = RunConfig.from_dict({**base, **params})
+    work = Path(tempfile.mkdtemp(prefix="odenet-trial-"))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint.to_directory(str(work))
+    tracker = tracking.MlflowTracker(
+        experiment, run_name=context.get_trial_name(), parent_run_id=parent_run_id,
+        extra_tags={tracking.IDENTITY_TAG: context.get_trial_id(), "tune_trial_name": context.get_trial_name()},
+    )
+    exit_at = int(os.environ.get(FAULT_EXIT_AT_EPOCH, "0"))
+
+    def on_epoch(metrics, _path) -> None:
+        tune.report({**metrics.as_dict(), "trial_status": "RUNNING"},
+                    checkpoint=tune.Checkpoint.from_directory(str(work)))
+        if metrics.epoch == exit_at:
+            os._exit(1)  # simulate a dead worker, after the epoch's checkpoint is safe
+
+    try:
+        outcome = execute(config, checkpoint_dir=work, tracker=tracker, on_epoch=on_epoch)
+    except Diverged as exc:
+        # Ending normally keeps Tune from retrying a trial that would diverge again; the
+        # worst value of the metric tells the searcher this point failed.
+        tune.report({"epoch": exc.epoch, METRIC: 0.0, "trial_status": "DIVERGED", "failure_cause": exc.cause,
+                     "failure_detail": exc.detail[:500]})
+        return
+    last = outcome.fitted.history[-1].as_dict() if outcome.fitted.history else {}
+    tune.report({**last, **outcome.final_metrics(), "trial_status": "FINISHED"})
+
+
+def trainable(base: RunConfig, experiment: str, parent_run_id: str | None, cpus: float, gpus: float):
+    """The Tune trainable: run_trial with the sweep's fixed settings and per-trial resources."""
+    from ray import tune
+
+    fn = tune.with_parameters(run_trial, base=base.to_dict(), experiment=experiment, parent_run_id=parent_run_id)
+    return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
+
+
+# -- where the sweep lives ------------------------------------------------------------------------
+
+
+def storage(path: str):
+    """(storage path, filesystem) for Tune: a local folder, or s3://bucket/prefix on AWS S3 or an
+    S3-compatible store whose endpoint comes from the standard variables."""
+    if not path.startswith("s3://"):
+        return str(Path(path).expanduser().resolve()), None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    options: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options.update(endpoint_override=host or scheme, scheme=scheme if host else "http")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["region"] = region
+    return path[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**options)
+
+
+def worker_env() -> dict[str, str]:
+    """The tracking, storage and data variables the driver sees, for every Ray worker."""
+    names = (*envvars.TRACKING, *envvars.STORAGE, *envvars.DATA, "MLFLOW_S3_ENDPOINT_URL", FAULT_EXIT_AT_EPOCH)
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+# -- MLflow: one parent run per sweep ----------------------------------------------------------------
+
+
+def parent_run(experiment: str, sweep_name: str, params: dict[str, str], restoring: bool) -> str:
+    """The sweep's parent run; a restored sweep continues the parent it had."""
+    from mlflow.entities import Param
+
+    c = tracking.client()
+    experiment_id = tracking.experiment_id(experiment)
+    if restoring:
+        runs = c.search_runs([experiment_id], f"tags.sweep_name = '{sweep_name}' and tags.sweep_role = 'parent'",
+                             max_results=1)
+        if runs:
+            c.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+    run = c.create_run(experiment_id, run_name=sweep_name,
+                       tags={"sweep_name": sweep_name, "sweep_role": "parent", "git_commit": tracking.git_commit()})
+    c.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def trial_callback():
+    """Closes the MLflow runs of trials Tune ended from outside: stopped by ASHA, or errored."""
+    from ray import tune
+
+    class CloseTrialRuns(tune.Callback):
+        def __init__(self, experiment: str):
+            self.experiment = experiment
+
+        def _close(self, trial, status: str, tags: dict[str, str]) -> None:
+            try:
+                c = tracking.client()
+                found = c.get_experiment_by_name(self.experiment)
+                runs = c.search_runs([found.experiment_id], f"tags.{tracking.IDENTITY_TAG} = '{trial.trial_id}'",
+                                     max_results=1)
+                if runs and runs[0].info.status == "RUNNING":
+                    from mlflow.entities import RunTag
+
+                    c.log_batch(runs[0].info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                    c.set_terminated(runs[0].info.run_id, status)
+            except Exception as exc:  # never take the sweep down for bookkeeping
+                print(f"could not close the MLflow run of trial {trial.trial_id}: {exc}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if (trial.last_result or {}).get("trial_status") == "RUNNING":
+                self._close(trial, "FINISHED", {"stopped_by": "asha"})
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "FAILED", {"failure_cause": "trial_error"})
+
+    return CloseTrialRuns
+
+
+# -- the results table ------------------------------------------------------------------------------------
+
+
+RESULT_COLUMNS = ("best_val_acc", "test_acc", "test_loss", "mean_fnfe", "mean_bnfe", "mean_epoch_time_s", "epochs")
+
+
+def results_table(grid, dimensions: Sequence[str]) -> "pd.DataFrame":
+    """One row per trial: its settings, best validation accuracy, test accuracy, FNFE, BNFE,
+    mean epoch time, status and cause."""
+    import pandas as pd
+
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        history = result.metrics_dataframe
+        epochs = None
+        if history is not None and "trial_status" in history:
+            epochs = history[history["trial_status"] == "RUNNING"]
+        row: dict[str, Any] = {"trial": metrics.get("trial_id") or Path(result.path or "").name}
+        row.update({d: result.config.get(d) for d in dimensions})
+        status = metrics.get("trial_status")
+        if result.error is not None:
+            row["status"], row["cause"] = "ERROR", f"{type(result.error).__name__}: {str(result.error)[:80]}"
+        elif status == "DIVERGED":
+            row["status"], row["cause"] = "DIVERGED", metrics.get("failure_cause", "")
+        elif status == "FINISHED":
+            row["status"], row["cause"] = "FINISHED", ""
+        else:
+            row["status"], row["cause"] = "STOPPED", "asha"
+        if epochs is not None and len(epochs):
+            row["best_val_acc"] = epochs[METRIC].max()
+            row["mean_fnfe"] = epochs["fnfe"].mean()
+            row["mean_bnfe"] = epochs["bnfe"].mean()
+            row["mean_epoch_time_s"] = epochs["epoch_time_s"].mean()
+            row["epochs"] = int(epochs["epoch"].max())
+        if status == "FINISHED":
+            row["test_acc"] = metrics.get("test_acc")
+            row["test_loss"] = metrics.get("test_loss")
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for column in RESULT_COLUMNS:
+        if column not in frame:
+            frame[column] = math.nan
+    ordered = ["trial", *dimensions, *RESULT_COLUMNS, "status", "cause"]
+    return frame[ordered].sort_values("best_val_acc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def log_results(parent_run_id: str, table, extra_files: dict[str, str] | None = None) -> None:
+    """The results table as CSV and markdown on the parent run, which then finishes."""
+    c = tracking.client()
+    with tempfile.TemporaryDirectory() as folder:
+        table.to_csv(Path(folder) / "results.csv", index=False)
+        (Path(folder) / "results.md").write_text(table.to_markdown(index=False, floatfmt=".4g"))
+        for name, text in (extra_files or {}).items():
+            (Path(folder) / name).write_text(text)
+        c.log_artifacts(parent_run_id, folder)
+    c.set_terminated(parent_run_id, "FINISHED")
+
+
+def describe_space(space: dict[str, Dimension]) -> str:
+    return json.dumps({name: dim.describe() for name, dim in space.items()}, indent=1)
+
+
+# -- running a sweep -------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """The flags every sweep program takes, plus one flag per fixed run setting."""
+    from odenet.cli import add_config_options
+
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--name", default=default_name,
+                       help="sweep name; running again with the same name restores an unfinished sweep")
+    sweep.add_argument("--storage-path", default="ray_results",
+                       help="sweep state and trial checkpoints: a folder or s3://bucket/prefix (default: ray_results)")
+    sweep.add_argument("--experiment", help="MLflow experiment (default: the sweep name)")
+    sweep.add_argument("--num-samples", type=int, default=32, help="trials to run (default: 32)")
+    sweep.add_argument("--max-concurrent", type=int, default=4, help="trials running at once (default: 4)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default: 1)")
+    sweep.add_argument("--gpus-per-trial", type=float, default=0.0,
+                       help="GPUs per trial; fractions put several trials on one GPU (default: 0)")
+    sweep.add_argument("--max-failures", type=int, default=2,
+                       help="restarts of a trial whose process or node died (default: 2)")
+    sweep.add_argument("--searcher-seed", type=int, default=0, help="seed of the search algorithm (default: 0)")
+    sweep.add_argument("--smoke", action="store_true",
+                       help="the same sweep sized to finish in minutes on a 2-core CPU")
+    add_config_options(parser)
+
+
+def check_resources(args: argparse.Namespace, on_cluster: bool) -> list[str]:
+    errors = []
+    if args.cpus_per_trial <= 0:
+        errors.append(f"--cpus-per-trial {args.cpus_per_trial:g}: expected a number > 0")
+    if args.gpus_per_trial < 0:
+        errors.append(f"--gpus-per-trial {args.gpus_per_trial:g}: expected a number >= 0")
+    if args.num_samples < 1:
+        errors.append(f"--num-samples {args.num_samples}: expected at least 1")
+    if args.max_concurrent < 1:
+        errors.append(f"--max-concurrent {args.max_concurrent}: expected at least 1")
+    if args.gpus_per_trial > 0 and not on_cluster:
+        import torch
+
+        # A local Ray has the GPUs this machine has; on a cluster, GPU workers may
+        # autoscale from zero, so trials wait for them instead.
+        if torch.cuda.device_count() == 0:
+            errors.append(f"--gpus-per-trial {args.gpus_per_trial:g}: this machine has no GPU and no Ray "
+                          f"cluster is set (RAY_ADDRESS); use --gpus-per-trial 0 or submit to a GPU cluster")
+    return errors
+
+
+def base_config(args: argparse.Namespace, smoke_defaults: dict[str, Any]) -> RunConfig:
+    """The fixed settings of every trial: defaults < --smoke sizes < --config file < flags."""
+    from odenet.cli import config_from_args
+
+    given = config_from_args(args)
+    if not args.smoke:
+        return given
+    explicit = {f.name for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    if args.config:
+        explicit |= set(RunConfig.from_file(args.config).to_dict()) & set(_file_keys(args.config))
+    return given.replace(**{k: v for k, v in smoke_defaults.items() if k not in explicit})
+
+
+def _file_keys(path: str) -> list[str]:
+    import yaml
+
+    return list((yaml.safe_load(Path(path).read_text()) or {}).keys())
+
+
+@dataclass
+class Sweep:
+    """What a program hands to `run`: the space, and how to search it."""
+
+    space: dict[str, Dimension]
+    make_tuner_parts: Callable[[RunConfig, argparse.Namespace], tuple[Any, Any]]  # (search_alg, scheduler)
+    param_space_extra: dict[str, Any] | None = None  # e.g. grid_search dimensions
+
+
+def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
+    """Validate everything, start (or restore) the sweep, print and log the results table."""
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    errors = check_space(sweep.space, base) + check_resources(args, on_cluster)
+    if errors:
+        raise SweepError(errors)
+    experiment = args.experiment or args.name
+    if not on_cluster and base.data_dir is None:
+        base = base.replace(data_dir=str(_default_data_dir()))
+    elif base.data_dir is not None:
+        base = base.replace(data_dir=str(Path(base.data_dir).expanduser().resolve()))
+    if not on_cluster:
+        from odenet import data
+
+        data.load(base, "cpu")  # a missing data set fails here, not in every trial
+    tracking.check_server()
+    tracking.pin_embedded_store()
+    storage_path, filesystem = storage(args.storage_path)
+
+    import ray
+    from ray import tune
+
+    ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    if args.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) < args.gpus_per_trial:
+        print(f"no GPU in the cluster yet: trials wait for the autoscaler to add GPU workers", flush=True)
+
+    path = f"{storage_path}/{args.name}"
+    restoring = tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+    params = {"program": program, "search_space": describe_space(sweep.space),
+              "base_config": json.dumps(base.to_dict()), "num_samples": str(args.num_samples),
+              "storage_path": args.storage_path}
+    parent = parent_run(experiment, args.name, params, restoring)
+    fn = trainable(base, experiment, parent, args.cpus_per_trial, args.gpus_per_trial)
+    if restoring:
+        print(f"restoring sweep {args.name!r} from {args.storage_path}", flush=True)
+        tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=filesystem)
+    else:
+        search_alg, scheduler = sweep.make_tuner_parts(base, args)
+        param_space = {name: dim.to_tune() for name, dim in sweep.space.items()}
+        param_space.update(sweep.param_space_extra or {})
+        tuner = tune.Tuner(
+            fn,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
+                                        num_samples=args.num_samples),
+            run_config=tune.RunConfig(
+                name=args.name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[trial_callback()(experiment)],
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    dims = [*sweep.space, *(sweep.param_space_extra or {})]
+    table = results_table(grid, dims)
+    print(table.to_markdown(index=False, floatfmt=".4g"))
+    log_results(parent, table)
+    print(f"results logged to MLflow run {parent} (experiment {experiment!r})")
+    tracking.print_ui_hint()
+    return table
+
+
+def _default_data_dir() -> Path:
+    from odenet.data import default_data_dir
+
+    return default_data_dir().expanduser().resolve()
+
+
+def main(program: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a sweep program, turning bad input into one clear message and exit code 2."""
+    import sys
+
+    from odenet.data import DataError
+
+    try:
+        program(argv)
+    except (SweepError, ConfigError, DataError, tracking.TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
