@@ -393,33 +393,33 @@ def installed_packages() -> str:
 # -- odenet evaluate --run-id -----------------------------------------------------------------
 
 
-def evaluate_logged_run(run_id: str, data_dir: str | None = None, device: str = "auto",
-                        test_subset: int | None = None) -> str:
-    """Load a run's best checkpoint back from MLflow and repeat its test evaluation."""
+def load_logged_run(run_id: str, **overrides):
+    """(config, model with its best weights, data splits) of a run logged in MLflow."""
     from odenet import data as data_module
-    from odenet.evaluate import evaluate
     from odenet.models import build
     from odenet.train import load_checkpoint, resolve_device
 
     check_server()
     c = client()
-    run = c.get_run(run_id)
     with tempfile.TemporaryDirectory() as folder:
-        path = c.download_artifacts(run_id, BEST_CHECKPOINT, folder)
-        saved = load_checkpoint(path)
-    overrides = {"device": device}
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    if test_subset is not None:
-        overrides["test_subset"] = test_subset
-    config = RunConfig.from_dict({**saved["config"], **overrides})
-    target = resolve_device(config.device)
-    model = build(config).to(target)
+        saved = load_checkpoint(c.download_artifacts(run_id, BEST_CHECKPOINT, folder))
+    config = RunConfig.from_dict({**saved["config"], **{k: v for k, v in overrides.items() if v is not None}})
+    device = resolve_device(config.device)
+    model = build(config).to(device)
     model.load_state_dict(saved["model"])
-    splits = data_module.load(config, target)
+    return config, model, data_module.load(config, device), saved["best_epoch"]
+
+
+def evaluate_logged_run(run_id: str, data_dir: str | None = None, device: str = "auto",
+                        test_subset: int | None = None) -> str:
+    """Load a run's best checkpoint back from MLflow and repeat its test evaluation."""
+    from odenet.evaluate import evaluate
+
+    config, model, splits, best_epoch = load_logged_run(run_id, data_dir=data_dir, device=device,
+                                                        test_subset=test_subset)
     report = evaluate(model, splits.test, splits.class_names, config.batch_size)
-    logged = run.data.metrics.get("test_acc")
-    lines = [f"run {run_id} ({config.model} on {config.dataset}, best epoch {saved['best_epoch']})",
+    logged = client().get_run(run_id).data.metrics.get("test_acc")
+    lines = [f"run {run_id} ({config.model} on {config.dataset}, best epoch {best_epoch})",
              f"test accuracy {report.accuracy:.4f}  test loss {report.loss:.4f}  test fnfe {report.fnfe:.1f}"]
     if logged is not None:
         lines.append(f"logged test accuracy {logged:.4f}")

@@ -276,17 +276,21 @@ def trial_callback():
                 found = c.get_experiment_by_name(self.experiment)
                 runs = c.search_runs([found.experiment_id], f"tags.{tracking.IDENTITY_TAG} = '{trial.trial_id}'",
                                      max_results=1)
-                if runs and runs[0].info.status == "RUNNING":
-                    from mlflow.entities import RunTag
+                if not runs:
+                    return
+                from mlflow.entities import RunTag
 
-                    c.log_batch(runs[0].info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                c.log_batch(runs[0].info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                if c.get_run(runs[0].info.run_id).info.status == "RUNNING":
                     c.set_terminated(runs[0].info.run_id, status)
             except Exception as exc:  # never take the sweep down for bookkeeping
                 print(f"could not close the MLflow run of trial {trial.trial_id}: {exc}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            # A trial that ended between epochs was stopped by the scheduler: KILLED, as the
+            # trial itself marks its run when interrupted, with the reason beside it.
             if (trial.last_result or {}).get("trial_status") == "RUNNING":
-                self._close(trial, "FINISHED", {"stopped_by": "asha"})
+                self._close(trial, "KILLED", {"stopped_by": "asha"})
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._close(trial, "FAILED", {"failure_cause": "trial_error"})
