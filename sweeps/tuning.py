@@ -48,7 +48,7 @@ class Dimension:
     """One searched setting: a choice of values, or a (log-)uniform range."""
 
     name: str
-    kind: str  # "choice" | "loguniform" | "uniform"
+    kind: str  # "choice" | "grid" | "loguniform" | "uniform"
     values: tuple
 
     def to_tune(self):
@@ -56,16 +56,23 @@ class Dimension:
 
         if self.kind == "choice":
             return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
         return getattr(tune, self.kind)(*self.values)
 
     def describe(self) -> str:
-        if self.kind == "choice":
-            return ", ".join(map(str, self.values))
+        if self.kind in ("choice", "grid"):
+            return ("every one of " if self.kind == "grid" else "") + ", ".join(map(str, self.values))
         return f"{self.kind}({self.values[0]:g}, {self.values[1]:g})"
 
 
 def choice(*values) -> tuple:
     return ("choice", values)
+
+
+def grid(*values) -> tuple:
+    """Every value, each in its own trial(s): for comparisons rather than search."""
+    return ("grid", values)
 
 
 def loguniform(low: float, high: float) -> tuple:
@@ -79,7 +86,7 @@ def uniform(low: float, high: float) -> tuple:
 def dimension(name: str, spec: Any) -> Dimension:
     """A Dimension from a declaration: choice(...)/loguniform(...), a YAML list or
     {loguniform: [low, high]}, a flag string ('relu,tanh', 'loguniform:1e-4:1e-2'), or a value."""
-    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("choice", *SAMPLERS):
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("choice", "grid", *SAMPLERS):
         return Dimension(name, spec[0], tuple(spec[1]))
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS:
         kind, bounds = next(iter(spec.items()))
@@ -116,7 +123,7 @@ def check_space(space: dict[str, Dimension], base: RunConfig) -> list[str]:
         if name not in allowed:
             errors.append(f"unknown dimension {name!r}: expected one of {', '.join(allowed)}")
             continue
-        if dim.kind == "choice":
+        if dim.kind in ("choice", "grid"):
             if not dim.values:
                 errors.append(f"{name}: the choice list is empty; give at least one value")
             for value in dim.values:
@@ -304,13 +311,13 @@ def trial_callback():
 RESULT_COLUMNS = ("best_val_acc", "test_acc", "test_loss", "mean_fnfe", "mean_bnfe", "mean_epoch_time_s", "epochs")
 
 
-def results_table(grid, dimensions: Sequence[str]) -> "pd.DataFrame":
+def results_table(result_grid, dimensions: Sequence[str]) -> "pd.DataFrame":
     """One row per trial: its settings, best validation accuracy, test accuracy, FNFE, BNFE,
     mean epoch time, status and cause."""
     import pandas as pd
 
     rows = []
-    for result in grid:
+    for result in result_grid:
         metrics = result.metrics or {}
         history = result.metrics_dataframe
         epochs = None
@@ -433,7 +440,6 @@ class Sweep:
 
     space: dict[str, Dimension]
     make_tuner_parts: Callable[[RunConfig, argparse.Namespace], tuple[Any, Any]]  # (search_alg, scheduler)
-    param_space_extra: dict[str, Any] | None = None  # e.g. grid_search dimensions
 
 
 def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
@@ -476,7 +482,6 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     else:
         search_alg, scheduler = sweep.make_tuner_parts(base, args)
         param_space = {name: dim.to_tune() for name, dim in sweep.space.items()}
-        param_space.update(sweep.param_space_extra or {})
         tuner = tune.Tuner(
             fn,
             param_space=param_space,
@@ -493,8 +498,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
             ),
         )
     grid = tuner.fit()
-    dims = [*sweep.space, *(sweep.param_space_extra or {})]
-    table = results_table(grid, dims)
+    table = results_table(grid, list(sweep.space))
     print(table.to_markdown(index=False, floatfmt=".4g"))
     log_results(parent, table)
     print(f"results logged to MLflow run {parent} (experiment {experiment!r})")

@@ -1,0 +1,76 @@
+"""The solver re-evaluation table for the ODE models of a finished experiment.
+
+Each finished ODEnet run's best checkpoint is loaded back from MLflow and evaluated
+on the test set with euler, rk4 and dopri5 at rtol = atol = 1e-3, 1e-2, 1e-1, as Ray
+tasks in parallel; accuracy and mean FNFE go back into each run as eval_* metrics.
+
+    python sweeps/solver_reevaluation.py --experiment architecture_ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+import pandas as pd
+
+from odenet import tracking
+from odenet.config import ODE_MODELS
+from sweeps.tuning import SweepError, main, worker_env
+
+
+def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -> pd.DataFrame:
+    """Re-evaluate one logged run and log the results back into it."""
+    from mlflow.entities import Metric
+
+    from odenet.evaluate import reevaluate
+    from odenet.models import SolverSettings
+
+    config, model, splits, _ = tracking.load_logged_run(run_id, data_dir=data_dir, test_subset=test_subset)
+    table = reevaluate(model, splits.test, SolverSettings.of(config), config.batch_size)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"eval_{key}_{row.solver}", float(getattr(row, column)), now, 0)
+               for row in table.itertuples() for key, column in (("acc", "accuracy"), ("fnfe", "fnfe"))]
+    tracking.client().log_batch(run_id, metrics=metrics)
+    return table.assign(run_id=run_id, model=config.model, dataset=config.dataset)
+
+
+def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", required=True, help="MLflow experiment of a finished sweep")
+    parser.add_argument("--data-dir", help="data folder (default $ODENET_DATA_DIR)")
+    parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0)
+    parser.add_argument("--gpus-per-task", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    tracking.check_server()
+    c = tracking.client()
+    found = c.get_experiment_by_name(args.experiment)
+    if found is None:
+        raise SweepError([f"--experiment {args.experiment!r}: no such MLflow experiment at {tracking.tracking_uri()}"])
+    models = ", ".join(f"'{m}'" for m in ODE_MODELS)
+    runs = c.search_runs([found.experiment_id], f"attributes.status = 'FINISHED' and params.model IN ({models})",
+                         max_results=10_000)
+    if not runs:
+        raise SweepError([f"experiment {args.experiment!r} has no finished ODE runs to re-evaluate"])
+    tracking.pin_embedded_store()
+
+    import ray
+
+    ray.init(runtime_env={"env_vars": worker_env()})
+    task = ray.remote(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)(reevaluate_run)
+    tables = ray.get([task.remote(r.info.run_id, args.data_dir, args.test_subset) for r in runs])
+    table = pd.concat(tables, ignore_index=True)
+    summary = table.groupby("solver", sort=False)[["accuracy", "fnfe"]].mean().reset_index()
+    print(table[["run_id", "model", "dataset", "solver", "accuracy", "fnfe", "failure_cause"]]
+          .to_markdown(index=False, floatfmt=".4g"))
+    print()
+    print(summary.to_markdown(index=False, floatfmt=".4g"))
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main(solver_reevaluation))
