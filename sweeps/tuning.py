@@ -486,7 +486,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
             fn,
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
-                                        num_samples=args.num_samples),
+                                        num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent),
             run_config=tune.RunConfig(
                 name=args.name,
                 storage_path=storage_path,
