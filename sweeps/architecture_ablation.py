@@ -17,7 +17,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from sweeps.tuning import Sweep, add_arguments, base_config, choice, dimension, loguniform, main, run
+from pathlib import Path
+
+from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, choice, loguniform, main, run
 
 # The search space: every dimension the study varies, as declared once here.
 SEARCH_SPACE = {
@@ -45,17 +47,55 @@ SMOKE_CONFIG = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 3,
 SMOKE_SWEEP = {"num_samples": 6, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2}
 
 
-def study_points(space) -> list[dict]:
-    """The study's settings restricted to the searched dimensions, dropping any the space excludes."""
+def first_points(space, given: list[dict]) -> list[dict]:
+    """Points the searcher evaluates first: the user's (--points-file), then those of the
+    study's own settings that lie inside the space. Dimensions fixed to one value are filled in."""
     points = []
+    for point in given:
+        points.append(_complete(space, point))
     for point in STUDY_POINTS:
-        kept = {k: v for k, v in point.items() if k in space}
-        inside = all(space[k].kind != "choice" or v in space[k].values for k, v in kept.items())
-        inside &= all(space[k].kind == "choice" or space[k].values[0] <= v <= space[k].values[1]
-                      for k, v in kept.items())
-        if inside and len(kept) == len(space):
-            points.append(kept)
+        candidate = _complete(space, {k: v for k, v in point.items() if k in space})
+        if _problem(space, candidate) is None and candidate not in points:
+            points.append(candidate)
     return points
+
+
+def load_points(path: str | None, space) -> list[dict]:
+    """A YAML or JSON list of settings; every point must lie inside the space."""
+    if path is None:
+        return []
+    import yaml
+
+    try:
+        points = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise SweepError([f"--points-file {path}: {exc.strerror}"]) from None
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise SweepError([f"--points-file {path}: expected a list of mappings of dimension names to values"])
+    errors = [f"--points-file {path}: point {i + 1}: {problem}" for i, p in enumerate(points)
+              if (problem := _problem(space, _complete(space, p))) is not None]
+    if errors:
+        raise SweepError(errors)
+    return points
+
+
+def _complete(space, point: dict) -> dict:
+    fixed = {name: dim.values[0] for name, dim in space.items() if dim.kind == "choice" and len(dim.values) == 1}
+    return {**fixed, **point}
+
+
+def _problem(space, point: dict) -> str | None:
+    """Why a point is not a point of the space, or None."""
+    for name, value in point.items():
+        if name not in space:
+            return f"{name!r} is not a searched dimension ({', '.join(space)})"
+        dim = space[name]
+        if dim.kind == "choice" and value not in dim.values:
+            return f"{name}={value!r} is not one of {dim.describe()}"
+        if dim.kind != "choice" and not dim.values[0] <= value <= dim.values[1]:
+            return f"{name}={value!r} lies outside {dim.describe()}"
+    missing = [name for name in space if name not in point]
+    return f"missing {', '.join(missing)}" if missing else None
 
 
 def tuner_parts(base, args):
@@ -63,7 +103,7 @@ def tuner_parts(base, args):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    searcher = HyperOptSearch(points_to_evaluate=study_points(args.resolved_space) or None,
+    searcher = HyperOptSearch(points_to_evaluate=first_points(args.resolved_space, args.points) or None,
                               random_state_seed=args.searcher_seed)
     # max_t beyond the last epoch: ASHA stops trials between rungs, while a trial that
     # reaches max_epochs ends by itself and still evaluates on the test set.
@@ -81,6 +121,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--space", action="append", metavar="NAME=VALUES",
                         help="override a dimension: relu,tanh (a choice), loguniform:1e-4:1e-2, uniform:0:1")
     parser.add_argument("--space-file", metavar="FILE", help="YAML mapping of dimensions to lists or {loguniform: [a, b]}")
+    parser.add_argument("--points-file", metavar="FILE",
+                        help="YAML/JSON list of settings to evaluate first, before the study's own")
     args = parser.parse_args(argv)
     if args.smoke:
         defaults = {"num_samples": 32, "max_concurrent": 4, "grace_period": 2, "reduction_factor": 2}
@@ -91,11 +133,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def architecture_ablation(argv: Sequence[str] | None = None):
-    from sweeps.tuning import SweepError, build_space
+    from sweeps.tuning import build_space
 
     args = parse_args(argv)
     base = base_config(args, SMOKE_CONFIG)
     args.resolved_space = build_space(SEARCH_SPACE, args)
+    args.points = load_points(args.points_file, args.resolved_space)
     errors = []
     if args.grace_period < 1:
         errors.append(f"--grace-period {args.grace_period}: expected at least 1")

@@ -1,0 +1,205 @@
+"""The sweep on a real local Ray, logging to the real tracking stack: what a user of
+`python sweeps/architecture_ablation.py` and `ray job submit` sees."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.stack, pytest.mark.ray]
+
+ABLATION = str(REPO / "sweeps" / "architecture_ablation.py")
+# Every dimension pinned to one cheap value: trials differ only where a test says so.
+CHEAP = ["--space", "activation_before=relu", "--space", "activation_inside=relu", "--space", "stride=2",
+         "--space", "final_time=1", "--space", "norm=groupnorm", "--space", "augment_dims=0",
+         "--space", "lr=0.003", "--space", "weight_decay=0", "--space", "optimizer=adam"]
+
+
+def sweep_env(stack, **extra):
+    env = {**os.environ, **stack.env, **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def sweep(*args, cwd, env, timeout=900):
+    return subprocess.run([sys.executable, ABLATION, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def children(experiment):
+    c = MlflowClient()
+    runs = c.search_runs([c.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    return parents, [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+
+
+def table_rows(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
+
+
+@pytest.fixture(scope="module")
+def smoke(tracking_stack, real_data_dir, tmp_path_factory):
+    """One --smoke sweep with its state on S3 (SeaweedFS), shared by the tests that read it."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    storage = f"s3://{tracking_stack.bucket}/ray"
+    result = sweep("--smoke", "--name", "smoke", "--storage-path", storage, "--data-dir", str(real_data_dir),
+                   cwd=cwd, env=sweep_env(tracking_stack))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_smoke_sweep_logs_every_trial_as_a_child_run(smoke, tracking_stack, tracking_env):
+    (parent,), runs = children("smoke")
+    assert len(runs) == 6
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)} >= {"results.csv", "results.md"}
+    assert any(r.data.tags.get("stopped_by") == "asha" for r in runs), "ASHA stopped no trial"
+    assert all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs)
+    assert len(table_rows(smoke.stdout)) == 6
+    # the sweep's state and checkpoints are in the bucket
+    listed = tracking_stack.s3_client().list_objects_v2(Bucket=tracking_stack.bucket, Prefix="ray/smoke/")
+    keys = [obj["Key"] for obj in listed.get("Contents", [])]
+    assert any("checkpoint_" in key for key in keys) and any(key.endswith("tuner.pkl") for key in keys)
+    assert "mlflow ui" in smoke.stdout or "open the MLflow UI" in smoke.stdout
+
+
+def test_report_prints_the_six_tables(smoke, tracking_stack, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "odenet.cli", "report", "--experiment", "smoke", "--out", "rep"],
+                            cwd=tmp_path, env=sweep_env(tracking_stack), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for heading in ("activation before and inside", "stride", "norm type", "final time T_n", "models and data sets",
+                    "evaluation solver"):
+        assert heading in result.stdout
+    assert (tmp_path / "rep" / "table_5.csv").exists()
+    assert list((tmp_path / "rep").glob("fnfe_by_*.png"))
+
+
+def test_a_dead_trial_resumes_from_its_checkpoint_in_the_same_run(tracking_stack, tracking_env, real_data_dir,
+                                                                   tmp_path):
+    result = sweep("--name", "fault", "--num-samples", "1", "--max-epochs", "3", "--subset", "512",
+                   "--test-subset", "100", "--width", "4", "--model", "resnet-small", "--data-dir", str(real_data_dir),
+                   *CHEAP, cwd=tmp_path, env=sweep_env(tracking_stack, ODENET_FAULT_EXIT_AT_EPOCH="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, runs = children("fault")
+    assert len(runs) == 1
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
+    (row,) = table_rows(result.stdout)
+    assert "FINISHED" in row
+    # the trial really died once and was restored
+    assert "exit" in (result.stdout + result.stderr).lower() or "died" in (result.stdout + result.stderr).lower()
+
+
+def test_a_killed_driver_restores_the_sweep_and_no_trial_runs_twice(tracking_stack, tracking_env, real_data_dir,
+                                                                     tmp_path):
+    args = [sys.executable, ABLATION, "--name", "restore", "--num-samples", "3", "--max-concurrent", "1",
+            "--max-epochs", "2", "--grace-period", "2", "--subset", "512", "--test-subset", "100", "--width", "4",
+            "--model", "resnet-small", "--data-dir", str(real_data_dir), *CHEAP[:-4], "--space",
+            "lr=0.001,0.003,0.01", "--space", "optimizer=adam"]
+    first = subprocess.Popen(args, cwd=tmp_path, env=sweep_env(tracking_stack), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        found = MlflowClient().get_experiment_by_name("restore")
+        if found and any(r.info.status == "FINISHED" and r.data.tags.get("sweep_role") != "parent"
+                         for r in MlflowClient().search_runs([found.experiment_id])):
+            break
+        assert first.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    first.wait()
+    _, before = children("restore")
+    finished_before = {r.data.tags["run_identity"]: r.info.run_id for r in before if r.info.status == "FINISHED"}
+    assert finished_before
+
+    second = subprocess.run(args, cwd=tmp_path, env=sweep_env(tracking_stack), capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "restoring sweep 'restore'" in second.stdout
+    assert len(table_rows(second.stdout)) == 3
+    _, after = children("restore")
+    identities = [r.data.tags["run_identity"] for r in after]
+    assert len(identities) == len(set(identities)) == 3
+    for identity, run_id in finished_before.items():
+        run = MlflowClient().get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")] == [1, 2]
+
+
+def test_a_diverged_trial_fails_with_its_cause_and_the_sweep_goes_on(tracking_stack, tracking_env, real_data_dir,
+                                                                     tmp_path):
+    points = tmp_path / "points.yaml"
+    points.write_text(json.dumps([{"max_num_steps": 2}, {"max_num_steps": 1000}]))
+    result = sweep("--name", "diverge", "--num-samples", "2", "--max-epochs", "1", "--subset", "256",
+                   "--test-subset", "100", "--width", "4", "--model", "odenet-simple", "--no-reevaluate",
+                   "--data-dir", str(real_data_dir), *CHEAP, "--space", "max_num_steps=2,1000",
+                   "--points-file", str(points), cwd=tmp_path, env=sweep_env(tracking_stack))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table_rows(result.stdout)
+    assert len(rows) == 2
+    assert sum("DIVERGED" in row and "max_num_steps" in row for row in rows) == 1
+    assert sum("FINISHED" in row for row in rows) == 1
+    _, runs = children("diverge")
+    statuses = sorted((r.info.status, r.data.tags.get("failure_cause", "")) for r in runs)
+    assert statuses == [("FAILED", "max_num_steps"), ("FINISHED", "")]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--space", "colour=red,blue"], "unknown dimension 'colour': expected one of"),
+        (["--space", "norm="], "norm: the choice list is empty"),
+        (["--space", "lr=loguniform:1e-2:1e-4"], "lr: loguniform(0.01, 0.0001) is reversed or empty"),
+        (["--space", "activation_inside=relu,gelu"], "activation_inside='gelu': expected one of relu, tanh, softplus"),
+        (["--gpus-per-trial", "0.5"], "--gpus-per-trial 0.5: this machine has no GPU"),
+        (["--grace-period", "0"], "--grace-period 0: expected at least 1"),
+    ],
+)
+def test_bad_arguments_fail_before_ray_starts(flags, message, tmp_path, real_data_dir):
+    result = sweep("--smoke", "--data-dir", str(real_data_dir), *flags, cwd=tmp_path,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_ray_job_submit_runs_the_smoke_sweep(tracking_stack, tracking_env, real_data_dir, tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    env = sweep_env(tracking_stack, RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    port = _free_port()
+    started = subprocess.run([ray, "start", "--head", "--port", str(_free_port()), "--dashboard-port", str(port),
+                              "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", str(tmp_path / "ray")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr
+    try:
+        submitted = subprocess.run(
+            [ray, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(REPO), "--",
+             "python", "sweeps/architecture_ablation.py", "--smoke", "--name", "submitted", "--num-samples", "2",
+             "--max-epochs", "1", "--storage-path", str(tmp_path / "results"), "--data-dir", str(real_data_dir)],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert "succeeded" in submitted.stdout
+        (parent,), runs = children("submitted")
+        assert len(runs) == 2 and parent.info.status == "FINISHED"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
