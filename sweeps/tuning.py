@@ -185,7 +185,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], experiment: str, par
     cpus = context.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))  # trials share nodes: no oversubscription
     config = RunConfig.from_dict({**base, **params})
-    work = Path(tempfile.mkdtemp(prefix="odenet-trial-"))
+    with tempfile.TemporaryDirectory(prefix="odenet-trial-") as folder:
+        _trial_in(Path(folder), config, experiment, parent_run_id, context)
+
+
+def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str | None, context) -> None:
+    from ray import tune
+
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(work))
