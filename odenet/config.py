@@ -65,6 +65,13 @@ class RunConfig:
     atol: float = _opt("absolute tolerance of adaptive solvers", default=1e-3)
     step_size: float = _opt("step size of fixed-step solvers", default=0.1)
     max_num_steps: int = _opt("adaptive solvers give up after this many steps (a diverged trial)", default=1000)
+    eval_solver: str | None = _opt(
+        "solver for validation and test when it differs from the training solver (e.g. train "
+        "with rk4, evaluate with dopri5)",
+        default=None,
+    )
+    kinetic_energy: float = _opt("weight of the kinetic-energy regulariser (Finlay et al. 2020)", default=0.0)
+    jacobian_norm: float = _opt("weight of the Jacobian Frobenius-norm regulariser (Finlay et al. 2020)", default=0.0)
     adjoint: str = _opt(
         "backpropagation: adjoint, seminorm (adjoint with seminorm error control) or direct",
         default="adjoint",
@@ -176,6 +183,10 @@ class RunConfig:
         choice("norm", NORMS)
         choice("solver", SOLVERS)
         choice("adjoint", ADJOINT_MODES)
+        if self.eval_solver is not None:
+            choice("eval_solver", SOLVERS)
+        at_least("kinetic_energy", 0)
+        at_least("jacobian_norm", 0)
         choice("optimizer", OPTIMIZERS)
         choice("stride", STRIDES)
         at_least("subset", 10, optional=True)

@@ -7,7 +7,9 @@ a ResNet is the ODEnet's Euler discretisation with separate weights per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +68,14 @@ class SolverSettings:
 
     @classmethod
     def of(cls, config: RunConfig) -> "SolverSettings":
+        """How the run trains."""
         return cls(config.solver, config.rtol, config.atol, config.step_size,
                    config.max_num_steps, config.adjoint)
+
+    @classmethod
+    def for_evaluation(cls, config: RunConfig) -> "SolverSettings":
+        """How the run validates and tests: the eval solver where one is set."""
+        return replace(cls.of(config), method=config.eval_solver or config.solver)
 
     @property
     def options(self) -> dict:
@@ -82,6 +90,10 @@ class CountedDynamics(nn.Module):
     `fnfe` counts calls of f; `bnfe` counts vector-Jacobian products through f, which is
     what the backward pass costs for the adjoint (one per adjoint step evaluation) and for
     direct backpropagation (one per recorded forward evaluation) alike.
+
+    Given a state (z, kinetic, jacobian), it also integrates the two regularisers of
+    Finlay et al. 2020, "How to train your neural ODE": the kinetic energy |f(z)|^2 and
+    a Hutchinson estimate |e^T df/dz|^2 of the Jacobian's Frobenius norm, per dimension.
     """
 
     def __init__(self, f: nn.Module):
@@ -89,13 +101,31 @@ class CountedDynamics(nn.Module):
         self.f = f
         self.fnfe = 0
         self.bnfe = 0
+        self.probe: torch.Tensor | None = None  # Hutchinson noise, fixed during one solve
 
-    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, state):
         self.fnfe += 1
-        dz = self.f(z)
+        if isinstance(state, tuple):
+            return self._regularised(state[0])
+        dz = self.f(state)
         if dz.requires_grad:
             dz.register_hook(self._count_vjp)
         return dz
+
+    def _regularised(self, z: torch.Tensor):
+        if self.probe is not None and not (torch.is_grad_enabled() and z.requires_grad):
+            z = z.detach().requires_grad_()  # the adjoint's forward solve runs without a graph
+        with torch.enable_grad():
+            dz = self.f(z)
+            kinetic = dz.pow(2).flatten(1).mean(1)
+            if self.probe is None:
+                jacobian = torch.zeros_like(kinetic)
+            else:
+                (vjp,) = torch.autograd.grad(dz, z, self.probe, create_graph=True)
+                jacobian = vjp.pow(2).flatten(1).mean(1)
+        if dz.requires_grad:
+            dz.register_hook(self._count_vjp)
+        return dz, kinetic, jacobian
 
     def _count_vjp(self, grad: torch.Tensor) -> None:
         self.bnfe += 1
@@ -105,25 +135,42 @@ class CountedDynamics(nn.Module):
 
 
 class ODEBlock(nn.Module):
-    """Solves dz/dt = f(z) from t = 0 to t = final_time and returns z(final_time)."""
+    """Solves dz/dt = f(z) from t = 0 to t = final_time and returns z(final_time).
 
-    def __init__(self, f: nn.Module, final_time: float, solver: SolverSettings):
+    With regulariser weights, training also integrates them and leaves their weighted
+    sum in `regularisation`, for the training loop to add to the loss.
+    """
+
+    def __init__(self, f: nn.Module, final_time: float, solver: SolverSettings,
+                 kinetic_energy: float = 0.0, jacobian_norm: float = 0.0):
         super().__init__()
         self.dynamics = CountedDynamics(f)
         self.final_time = final_time
         self.solver = solver
+        self.kinetic_energy, self.jacobian_norm = kinetic_energy, jacobian_norm
+        self.regularisation: torch.Tensor | float = 0.0
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        t = torch.tensor([0.0, self.final_time], device=z.device, dtype=z.dtype)
+        regularise = (self.kinetic_energy or self.jacobian_norm) and self.training and torch.is_grad_enabled()
+        if not regularise:
+            self.regularisation = 0.0
+            return self._solve(z)[-1]
+        self.dynamics.probe = torch.randn_like(z) if self.jacobian_norm else None
+        zero = z.new_zeros(z.shape[0])
+        z_t, kinetic, jacobian = (x[-1] for x in self._solve((z, zero, zero)))
+        self.regularisation = self.kinetic_energy * kinetic.mean() + self.jacobian_norm * jacobian.mean()
+        return z_t
+
+    def _solve(self, state):
+        first = state[0] if isinstance(state, tuple) else state
+        t = torch.tensor([0.0, self.final_time], device=first.device, dtype=first.dtype)
         s = self.solver
         kwargs = dict(rtol=s.rtol, atol=s.atol, method=s.method, options=s.options)
         if s.adjoint != "direct" and torch.is_grad_enabled():
             adjoint_options = {**s.options, "norm": "seminorm"} if s.adjoint == "seminorm" else None
-            out = odeint_adjoint(self.dynamics, z, t, adjoint_options=adjoint_options,
-                                 adjoint_params=tuple(self.dynamics.parameters()), **kwargs)
-        else:
-            out = odeint(self.dynamics, z, t, **kwargs)
-        return out[-1]
+            return odeint_adjoint(self.dynamics, state, t, adjoint_options=adjoint_options,
+                                  adjoint_params=tuple(self.dynamics.parameters()), **kwargs)
+        return odeint(self.dynamics, state, t, **kwargs)
 
 
 class Augment(nn.Module):
@@ -170,6 +217,21 @@ class Classifier(nn.Module):
         for block in self.ode_blocks:
             block.solver = solver
 
+    @contextlib.contextmanager
+    def solving_with(self, solver: SolverSettings) -> Iterator[None]:
+        """Temporarily integrate with other solver settings (evaluation)."""
+        saved = [block.solver for block in self.ode_blocks]
+        self.set_solver(solver)
+        try:
+            yield
+        finally:
+            for block, settings in zip(self.ode_blocks, saved):
+                block.solver = settings
+
+    def regularisation(self) -> torch.Tensor | float:
+        """The weighted regularisers of the last training forward pass (0 without them)."""
+        return sum((block.regularisation for block in self.ode_blocks), 0.0)
+
 
 def parameter_counts(model: Classifier) -> dict[str, int]:
     """Parameters in total and outside the linear head (the study's two counts)."""
@@ -186,6 +248,10 @@ def build(config: RunConfig) -> Classifier:
     return _build_simple(config, image)
 
 
+def ode_block(f: nn.Module, config: RunConfig) -> ODEBlock:
+    return ODEBlock(f, config.final_time, SolverSettings.of(config), config.kinetic_energy, config.jacobian_norm)
+
+
 def _build_simple(config: RunConfig, image: tuple[int, int, int]) -> Classifier:
     c_in, h, w = image
     state = config.channels + config.augment_dims
@@ -197,7 +263,7 @@ def _build_simple(config: RunConfig, image: tuple[int, int, int]) -> Classifier:
     if config.model == "odenet-simple":
         stem = [nn.Conv2d(c_in, config.channels, 1, stride=config.stride),
                 activation(config.activation_before), Augment(config.augment_dims)]
-        body = [ODEBlock(f(), config.final_time, SolverSettings.of(config))]
+        body = [ode_block(f(), config)]
     else:
         # The ResNets' stem makes the C+A channels the ODEnet gets by augmentation.
         stem = [nn.Conv2d(c_in, state, 1, stride=config.stride), activation(config.activation_before)]
@@ -285,7 +351,7 @@ def _build_complex(config: RunConfig, image: tuple[int, int, int]) -> Classifier
     f = ShapeChangingDynamics(_stages(keep, width, config, residual=False), keep)
     features = nn.Sequential(
         PadTo(out_channels),
-        ODEBlock(f, config.final_time, SolverSettings.of(config)),
+        ode_block(f, config),
         CropTo(out_h, out_w),
     )
     return Classifier(features, head_in)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from odenet.config import RunConfig
 from odenet.evaluate import TestReport, evaluate, reevaluate
-from odenet.failures import Diverged
+from odenet.failures import Diverged, solver_failures
 from odenet.models import SolverSettings
 from odenet.train import CHECKPOINT_FILE, EpochCallback, EpochMetrics, FitResult, fit, load_checkpoint
 
@@ -98,10 +98,13 @@ def execute(
     extra: dict[str, Any] = {"tracking_run_id": run_id} if run_id else {}
     try:
         fitted = fit(config, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra)
-        report = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
+        evaluation = SolverSettings.for_evaluation(config)
+        with solver_failures(fitted.history[-1].epoch if fitted.history else 0, None), \
+                fitted.model.solving_with(evaluation):
+            report = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
         reevaluation = None
         if config.is_ode and config.reevaluate:
-            reevaluation = reevaluate(fitted.model, fitted.data.test, SolverSettings.of(config), config.batch_size)
+            reevaluation = reevaluate(fitted.model, fitted.data.test, evaluation, config.batch_size)
     except Diverged as exc:
         tracker.fail(exc)
         raise

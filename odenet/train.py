@@ -164,7 +164,8 @@ def _run_epoch(config, model, optimizer, data, epoch, device) -> EpochMetrics:
             if not math.isfinite(loss_value):
                 raise Diverged("non_finite_loss", epoch, batch, f"loss = {loss_value}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # The regularisers shape training only; train_loss stays comparable across runs.
+            (loss + model.regularisation()).backward()
         optimizer.step()
         loss_sum += loss_value * len(y)
         correct += int((logits.argmax(1) == y).sum())
@@ -172,7 +173,7 @@ def _run_epoch(config, model, optimizer, data, epoch, device) -> EpochMetrics:
         fnfe += forward_nfe
         bnfe += model.bnfe
         batches += 1
-    with solver_failures(epoch, None):
+    with solver_failures(epoch, None), model.solving_with(models.SolverSettings.for_evaluation(config)):
         val_loss, val_acc = loss_and_accuracy(model, data.val, config.batch_size)
     if not math.isfinite(val_loss):
         raise Diverged("non_finite_loss", epoch, None, f"validation loss = {val_loss}")

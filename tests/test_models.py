@@ -111,3 +111,27 @@ def test_underflow_in_dt_becomes_diverged():
         block(torch.ones(1, 1, 1, 1))
     assert err.value.cause == "underflow" and (err.value.epoch, err.value.batch) == (3, 7)
     assert not isinstance(err.value, AssertionError)
+
+
+@pytest.mark.parametrize("adjoint", ["adjoint", "direct"])
+def test_regularisers_add_to_the_loss_and_reach_the_weights(adjoint):
+    torch.manual_seed(0)
+    net = build(RunConfig(model="odenet-simple", width=3, kinetic_energy=0.1, jacobian_norm=0.1, adjoint=adjoint))
+    net(torch.randn(2, 1, 28, 28))
+    penalty = net.regularisation()
+    assert torch.is_tensor(penalty) and penalty.item() > 0
+    penalty.backward()
+    conv = net.ode_blocks[0].dynamics.f[0].weight
+    assert conv.grad is not None and conv.grad.abs().sum() > 0
+    net.eval()
+    with torch.no_grad():
+        net(torch.randn(2, 1, 28, 28))
+    assert net.regularisation() == 0.0
+
+
+def test_evaluation_can_use_another_solver():
+    net = build(RunConfig(model="odenet-simple", width=4, solver="rk4", step_size=0.5))
+    with net.solving_with(SolverSettings(method="euler", step_size=0.25)), torch.no_grad():
+        net(torch.randn(2, 1, 28, 28))
+    assert net.fnfe == 4
+    assert net.ode_blocks[0].solver.method == "rk4"
