@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="measure training speed against baselines; writes BENCHMARKS.md")
+    from odenet import bench as bench_module
+
+    bench_module.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 
