@@ -9,6 +9,8 @@ DataLoader workers: an epoch is a permutation and a batch is a slice of it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import os
 import shutil
@@ -16,6 +18,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torchvision.datasets import CIFAR10, FashionMNIST
@@ -89,10 +92,11 @@ def default_data_dir() -> Path:
 def load(config: RunConfig, device: torch.device | str = "cpu") -> DataSplits:
     """Train/validation/test splits for a run, on `device`."""
     root = Path(config.data_dir) if config.data_dir else default_data_dir()
-    if config.dataset == "fashion-mnist":
-        (train_x, train_y), (test_x, test_y) = _fashion_mnist(root)
-    else:
-        (train_x, train_y), (test_x, test_y) = _cifar10(root)
+    with _exclusive(root):
+        if config.dataset == "fashion-mnist":
+            (train_x, train_y), (test_x, test_y) = _fashion_mnist(root)
+        else:
+            (train_x, train_y), (test_x, test_y) = _cifar10(root)
     if config.subset is not None:
         train_x, train_y = train_x[: config.subset], train_y[: config.subset]
     if config.test_subset is not None:
@@ -105,6 +109,18 @@ def load(config: RunConfig, device: torch.device | str = "cpu") -> DataSplits:
         test=_to_split(test_x, test_y, device),
         class_names=CLASS_NAMES[config.dataset],
     )
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """One process at a time fetches into a data folder: trials sharing a node start together."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".odenet.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def validation_split(n: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
