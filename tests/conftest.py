@@ -10,6 +10,8 @@ from odenet.config import RunConfig
 from odenet.data import SYSTEM_FASHION_MNIST_IDX, import_fashion_mnist_idx
 from tests.datasets import write_cifar10, write_fashion_mnist_idx
 
+pytest_plugins = ["tests.stack"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
