@@ -11,6 +11,9 @@ TRACKING = (
     "MLFLOW_TRACKING_PASSWORD",
 )
 
+# How long the end of a run waits for the tracking server or the store to come back.
+TRACKING_RETRY_S = "ODENET_TRACKING_RETRY_S"
+
 # S3 for Ray Tune's storage path (sweep state, trial checkpoints). The endpoint is
 # only set for S3-compatible stores (MinIO, SeaweedFS); on AWS it stays unset and the
 # credentials come from the pod's IAM role instead of keys.

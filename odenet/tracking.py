@@ -29,6 +29,7 @@ import yaml
 
 from odenet import plots
 from odenet.config import RunConfig
+from odenet import envvars
 from odenet.envvars import TRACKING
 from odenet.failures import Diverged
 
@@ -46,7 +47,7 @@ class TrackingError(RuntimeError):
 
 def _retry_budget_s() -> float:
     # How long the end of a run waits for an outage to pass before failing loudly.
-    return float(os.environ.get("ODENET_TRACKING_RETRY_S", "600"))
+    return float(os.environ.get(envvars.TRACKING_RETRY_S, "600"))
 
 
 def tracking_uri() -> str:
