@@ -96,8 +96,8 @@ def test_a_dead_trial_resumes_from_its_checkpoint_in_the_same_run(tracking_stack
     assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
     (row,) = table_rows(result.stdout)
     assert "FINISHED" in row
-    # the trial really died once and was restored
-    assert "exit" in (result.stdout + result.stderr).lower() or "died" in (result.stdout + result.stderr).lower()
+    # the trial really died once: Tune kept the error beside the trial it restored
+    assert list(tmp_path.glob("ray_results/fault/*/error.txt"))
 
 
 def test_a_killed_driver_restores_the_sweep_and_no_trial_runs_twice(tracking_stack, tracking_env, real_data_dir,
@@ -176,8 +176,7 @@ def test_bad_arguments_fail_before_ray_starts(flags, message, tmp_path, real_dat
 
 def test_ray_job_submit_runs_the_smoke_sweep(tracking_stack, tracking_env, real_data_dir, tmp_path):
     ray = str(Path(sys.executable).parent / "ray")
-    env = sweep_env(tracking_stack, RAY_ADDRESS="")
-    env.pop("RAY_ADDRESS")
+    env = sweep_env(tracking_stack)
     port = _free_port()
     started = subprocess.run([ray, "start", "--head", "--port", str(_free_port()), "--dashboard-port", str(port),
                               "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", str(tmp_path / "ray")],
