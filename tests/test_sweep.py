@@ -3,9 +3,12 @@
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,13 +179,19 @@ def test_bad_arguments_fail_before_ray_starts(flags, message, tmp_path, real_dat
 
 def test_ray_job_submit_runs_the_smoke_sweep(tracking_stack, tracking_env, real_data_dir, tmp_path):
     ray = str(Path(sys.executable).parent / "ray")
-    env = sweep_env(tracking_stack)
+    # token authentication, as on the Kubernetes cluster: the cluster and the client share it
+    env = sweep_env(tracking_stack, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    # as from an activated virtual environment: the job's `python` is the project's
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     port = _free_port()
+    # Ray's socket paths must stay under 108 bytes: pytest's tmp folders are too deep.
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     started = subprocess.run([ray, "start", "--head", "--port", str(_free_port()), "--dashboard-port", str(port),
-                              "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", str(tmp_path / "ray")],
+                              "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", temp],
                              env=env, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr
     try:
+        _wait_for_http(f"http://127.0.0.1:{port}/api/version", timeout=180)
         submitted = subprocess.run(
             [ray, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(REPO), "--",
              "python", "sweeps/architecture_ablation.py", "--smoke", "--name", "submitted", "--num-samples", "2",
@@ -194,6 +203,21 @@ def test_ray_job_submit_runs_the_smoke_sweep(tracking_stack, tracking_env, real_
         assert len(runs) == 2 and parent.info.status == "FINISHED"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_http(url, timeout):
+    """Until the server answers at all (the dashboard starts after `ray start` returns)."""
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
 def _free_port():
