@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The local tracking stack (SeaweedFS S3 + MLflow server): up | down | status.
-# Uses the project's virtual environment when there is one.
+# The local tracking stack (SeaweedFS S3 + bucket + MLflow server, optionally PostgreSQL
+# and basic auth): stack.sh up|down|status [--dir .stack] [--backend sqlite|postgres] [--auth] ...
+# `stack.sh --help` lists every flag. Uses the repository's .venv when there is one.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$here/../../.venv/bin/python"
 [ -x "$python" ] || python=python3
 exec "$python" "$here/stack.py" "$@"
