@@ -95,7 +95,7 @@ def test_training_goes_on_through_a_tracking_outage(tracking_stack, tracking_env
     during = len([line for line in lines if line.startswith("epoch")])
     tracking_stack.start_tracking()
     assert process.wait(timeout=600) == 0, "".join(lines)
-    assert during >= down_at + 5, "training stalled while the server was down"
+    assert during >= down_at + 2, "training stalled while the server was down"
     assert during < epochs, "training ended before the server came back: the test proves nothing"
     (run,) = runs_of("outage")
     assert run.info.status == "FINISHED"
