@@ -77,8 +77,8 @@ def test_a_cli_run_is_in_mlflow_with_artifacts_in_the_bucket(tracking_stack, tra
 
 def test_training_goes_on_through_a_tracking_outage(tracking_stack, tracking_env, tmp_path, real_data_dir):
     # A ResNet's epochs cost the same every time (an ODEnet's grow with its NFE): about a
-    # second each here, so training spans the 20 s outage.
-    epochs = 40
+    # second each here, so training outlasts the 20 s outage by far.
+    epochs = 80
     process = subprocess.Popen(
         [sys.executable, "-m", "odenet.cli", "train", "--model", "resnet-small", "--width", "4", "--subset", "30000",
          "--test-subset", "100", "--data-dir", str(real_data_dir), "--device", "cpu", "--max-epochs", str(epochs),
