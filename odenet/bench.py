@@ -27,8 +27,10 @@ with `MODEL:`; atoms:
                                          ones), evaluation with dopri5
     kinetic[@W] | jacobian[@W]           regulariser weights (default W = 0.1)
     dataloader                           our loop, training batches from a DataLoader
+    channels_last | bf16 | compile       RunConfig channels_last, block_precision=bf16,
+                                         compile_block (every model; GPU levers)
 
-Atoms other than `dataloader` apply to ODE models only; a combination is measured on
+Atoms other than `dataloader` and the GPU ones apply to ODE models only; a combination is measured on
 every model of --models that all its atoms apply to.
 """
 
@@ -54,6 +56,12 @@ ODE_MODEL, RESNET_MODEL = "odenet-simple", "resnet-small"
 ACCURACY_WINDOW_POINTS = 0.5
 DEFAULT_REGULARISER_WEIGHT = 0.1
 EVAL_SOLVER = "dopri5"
+# Levers of how the block functions run, for every model (they matter on a GPU).
+DEVICE_ATOMS = {
+    "channels_last": {"channels_last": True},
+    "bf16": {"block_precision": "bf16"},
+    "compile": {"compile_block": True},
+}
 
 DEFAULTS = dict(
     subset=2048, epochs=2, repeats=3, width=64, batch_size=128,
@@ -66,12 +74,14 @@ DEFAULTS = dict(
         "direct+rk4@1+dataloader",
         "direct+rk4@1+kinetic", "direct+midpoint@1", "direct+euler@1", "direct+euler@1+kinetic@1",
     ]),
-    concurrency="1,2", concurrency_epochs=1,
+    concurrency="1,2,4", concurrency_epochs=1,
 )
+# On a GPU the study's width and the full lever list are cheap; the device levers join them.
+GPU_LEVERS = ",".join(["channels_last", "bf16", "compile", "channels_last+bf16"])
 QUICK = dict(
     subset=320, epochs=1, repeats=3, width=4, batch_size=64,
     models="resnet-small,odenet-simple",
-    levers="resnet-small:dataloader,direct,direct+rk4@1+kinetic",
+    levers="resnet-small:dataloader,direct+rk4@1+kinetic",
     concurrency="1,2", concurrency_epochs=1,
 )
 MIN_REPEATS = 3
@@ -163,7 +173,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             errors.append(f"--models {m!r}: expected some of {', '.join(MODELS)}")
     if not models:
         errors.append("--models: expected at least one model")
-    levers = tuple(_csv(pick("levers")))
+    lever_text = pick("levers")
+    if args.levers is None and not args.quick and _on_gpu(args.device):
+        lever_text = ",".join([lever_text, GPU_LEVERS])
+    levers = tuple(_csv(lever_text))
     for lever in levers:
         try:
             parse_lever(lever)
@@ -192,6 +205,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         batch_size=pick("batch_size"), models=models, levers=levers, concurrency=concurrency,
         concurrency_epochs=pick("concurrency_epochs"), out=Path(args.out), data_dir=args.data_dir,
         device=args.device, quick=args.quick)
+
+
+def _on_gpu(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 # -- levers ---------------------------------------------------------------------------
@@ -231,6 +252,9 @@ def parse_lever(text: str) -> Lever:
         if name == "dataloader" and value is None:
             loader = True
             continue
+        if name in DEVICE_ATOMS and value is None:
+            changes.update(DEVICE_ATOMS[name])
+            continue
         ode_only = True
         if name in ("direct", "seminorm", "adjoint") and value is None:
             changes["adjoint"] = name
@@ -248,6 +272,7 @@ def parse_lever(text: str) -> Lever:
                 changes["step_size"] = value
         else:
             raise ValueError(f"unknown atom {atom!r}: expected direct, seminorm, adjoint, dataloader, "
+                             f"{', '.join(DEVICE_ATOMS)}, "
                              f"kinetic[@W], jacobian[@W] or a solver[@STEP] ({', '.join(SOLVERS)})")
     if model and ode_only and model not in ("odenet-simple", "odenet-complex"):
         raise ValueError(f"{combo!r} changes the ODE solve; {model} has none")
@@ -472,11 +497,14 @@ def _reference_loop(config, data, device, val_batches: int) -> list[dict[str, fl
     from torch.utils.data import DataLoader, TensorDataset
 
     from odenet import models
+    from odenet.reference import use_reference_blocks
     from odenet.train import make_optimizer
 
     torch.manual_seed(config.seed)
     model = models.build(config).to(device)
     optimizer = make_optimizer(config, model)
+    counters = [block.dynamics for block in model.ode_blocks]
+    use_reference_blocks(model)
     train_set = TensorDataset(data.train.images.cpu(), data.train.labels.cpu())
     val_set = TensorDataset(data.val.images.cpu(), data.val.labels.cpu())
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
@@ -487,23 +515,23 @@ def _reference_loop(config, data, device, val_batches: int) -> list[dict[str, fl
         _sync(device)
         start = time.perf_counter()
         model.train()
-        model.reset_nfe()
+        _reset(counters)
         batches, forward_nfe = 0, 0
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
-            before = model.fnfe  # the adjoint's backward solve evaluates f too: count the forward alone
+            before = _fnfe(counters)  # the adjoint's backward solve evaluates f too: count the forward alone
             logits = model(x)
-            forward_nfe += model.fnfe - before
+            forward_nfe += _fnfe(counters) - before
             loss = F.cross_entropy(logits, y)
             loss.backward()
             optimizer.step()
             batches += 1
-        fnfe, bnfe = forward_nfe / batches, model.bnfe / batches
+        fnfe, bnfe = forward_nfe / batches, sum(c.bnfe for c in counters) / batches
         _sync(device)
         train_time = time.perf_counter() - start
         model.eval()
-        model.reset_nfe()
+        _reset(counters)
         correct = 0
         with torch.no_grad():
             for x, y in val_loader:
@@ -512,8 +540,17 @@ def _reference_loop(config, data, device, val_batches: int) -> list[dict[str, fl
         _sync(device)
         epochs.append(dict(epoch_time_s=time.perf_counter() - start, train_time_s=train_time,
                            val_acc=correct / len(val_set), fnfe=fnfe, bnfe=bnfe,
-                           val_fnfe=model.fnfe / val_batches))
+                           val_fnfe=_fnfe(counters) / val_batches))
     return epochs
+
+
+def _fnfe(counters) -> int:
+    return sum(c.fnfe for c in counters)
+
+
+def _reset(counters) -> None:
+    for c in counters:
+        c.reset()
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -581,6 +618,7 @@ def main(args: argparse.Namespace) -> int:
     data_module.load(run_config(s, s.models[0], {}, 1), "cpu")
 
     started = time.time()
+    loads: list[float] = []
     runs: dict[str, list[dict[str, Any]]] = {c.key: [] for c in cases}
     sharing: dict[str, list[list[dict[str, Any]]]] = {a.key: [] for a in arrangements}
     units = len(cases) + len(arrangements)
@@ -591,6 +629,7 @@ def main(args: argparse.Namespace) -> int:
             spec = dict(loop=case.loop, loader=case.loader, threads=cores,
                         config=run_config(s, case.model, case.changes, s.epochs).to_dict())
             result = _collect(_spawn(spec))
+            loads.append(_load())
             runs[case.key].append(result)
             _log(f"[{repeat}/{s.repeats} {i}/{units} {_clock(time.time() - started)}] {case.key}: "
                  + _brief(result))
@@ -599,11 +638,12 @@ def main(args: argparse.Namespace) -> int:
                         config=run_config(s, arrangement.model, {}, s.concurrency_epochs).to_dict())
             procs = [_spawn(spec) for _ in range(arrangement.trials)]
             results = [_collect(p) for p in procs]
+            loads.append(_load())
             sharing[arrangement.key].append(results)
             _log(f"[{repeat}/{s.repeats} {j}/{units} {_clock(time.time() - started)}] {arrangement.key}: "
                  + "; ".join(_brief(r) for r in results))
 
-    report = Report(s, cases, arrangements, runs, sharing, cores, device, time.time() - started)
+    report = Report(s, cases, arrangements, runs, sharing, cores, device, time.time() - started, loads)
     text = report.markdown()
     s.out.parent.mkdir(parents=True, exist_ok=True)
     s.out.write_text(text)
@@ -614,6 +654,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
 
 
 def _clock(seconds: float) -> str:
@@ -638,8 +685,9 @@ def _median(values: list[float]) -> float:
 
 
 class Report:
-    def __init__(self, s, cases, arrangements, runs, sharing, cores, device, wall_s):
+    def __init__(self, s, cases, arrangements, runs, sharing, cores, device, wall_s, loads=()):
         self.s, self.cases, self.arrangements = s, cases, arrangements
+        self.loads = [x for x in loads if not math.isnan(x)]
         self.cores, self.device, self.wall_s = cores, device, wall_s
         self.per_repeat = {k: [summarise(r) for r in v] for k, v in runs.items()}
         self.errors = {k: [r.get("error") for r in v if r.get("error")] for k, v in runs.items()}
@@ -811,7 +859,10 @@ class Report:
             f"{platform.system()} {platform.release()}; Python {platform.python_version()}, torch "
             f"{torch.__version__} ({torch.get_num_threads()} threads by default), torchdiffeq "
             f"{getattr(torchdiffeq, '__version__', '?')}; device {self.device}.",
-            f"- Date: {date}; the run took {_clock(self.wall_s)} (min:s) of wall time.",
+            f"- Date: {date}; the run took {_clock(self.wall_s)} (min:s) of wall time"
+            + (f"; 1-minute load average after each measurement: median {statistics.median(self.loads):.1f}, "
+               f"max {max(self.loads):.1f} (the benchmark itself keeps about {self.cores} busy; more means "
+               f"other work shared the machine)." if self.loads else "."),
             f"- Command: `{s.command()}`",
             f"- Data: real FashionMNIST, the first {s.subset} training images, split 80/20 with split seed 0: "
             f"{self.train_images} training, {self.val_images} validation images. Models at width {s.width}, "

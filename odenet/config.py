@@ -25,6 +25,7 @@ FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun3", "rk4", "explicit_adams", "im
 SOLVERS = ADAPTIVE_SOLVERS + FIXED_STEP_SOLVERS
 ADJOINT_MODES = ("adjoint", "seminorm", "direct")
 OPTIMIZERS = ("adam", "sgd")
+BLOCK_PRECISIONS = ("fp32", "bf16")
 STRIDES = (1, 2)
 
 
@@ -76,6 +77,13 @@ class RunConfig:
         "backpropagation: adjoint, seminorm (adjoint with seminorm error control) or direct",
         default="adjoint",
     )
+    # speed levers that leave the arithmetic of the model alone (GPU ones; see BENCHMARKS.md)
+    channels_last: bool = _opt("keep images and convolution weights channels-last (NHWC)", default=False)
+    block_precision: str = _opt(
+        "precision of the block function f: fp32, or bf16 autocast while the solver state stays fp32",
+        default="fp32",
+    )
+    compile_block: bool = _opt("torch.compile the block function f", default=False)
     # optimisation
     optimizer: str = _opt(f"optimizer: {', '.join(OPTIMIZERS)}", default="adam")
     lr: float = _opt("learning rate", default=1e-3)
@@ -187,6 +195,7 @@ class RunConfig:
             choice("eval_solver", SOLVERS)
         at_least("kinetic_energy", 0)
         at_least("jacobian_norm", 0)
+        choice("block_precision", BLOCK_PRECISIONS)
         choice("optimizer", OPTIMIZERS)
         choice("stride", STRIDES)
         at_least("subset", 10, optional=True)

@@ -18,6 +18,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from odenet.config import FIXED_STEP_SOLVERS, RunConfig
 from odenet.data import IMAGE_SHAPE
+from odenet.solvers import fast_method
 
 NUM_CLASSES = 10
 
@@ -46,13 +47,23 @@ def block_function(channels: int, norm: str, act: str) -> nn.Sequential:
     )
 
 
+def evaluate_block(f: nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """f(x); with bf16, f runs under bf16 autocast and its output returns in x's dtype,
+    so the solver's state, stages and error estimate stay in fp32."""
+    if not bf16:
+        return f(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        return f(x).to(x.dtype)
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, f: nn.Module):
         super().__init__()
         self.f = f
+        self.bf16 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.f(x)
+        return x + evaluate_block(self.f, x, self.bf16)
 
 
 @dataclass(frozen=True)
@@ -102,12 +113,13 @@ class CountedDynamics(nn.Module):
         self.fnfe = 0
         self.bnfe = 0
         self.probe: torch.Tensor | None = None  # Hutchinson noise, fixed during one solve
+        self.bf16 = False
 
     def forward(self, t: torch.Tensor, state):
         self.fnfe += 1
         if isinstance(state, tuple):
             return self._regularised(state[0])
-        dz = self.f(state)
+        dz = evaluate_block(self.f, state, self.bf16)
         if dz.requires_grad:
             dz.register_hook(self._count_vjp)
         return dz
@@ -116,7 +128,7 @@ class CountedDynamics(nn.Module):
         if self.probe is not None and not (torch.is_grad_enabled() and z.requires_grad):
             z = z.detach().requires_grad_()  # the adjoint's forward solve runs without a graph
         with torch.enable_grad():
-            dz = self.f(z)
+            dz = evaluate_block(self.f, z, self.bf16)
             kinetic = dz.pow(2).flatten(1).mean(1)
             if self.probe is None:
                 jacobian = torch.zeros_like(kinetic)
@@ -165,7 +177,7 @@ class ODEBlock(nn.Module):
         first = state[0] if isinstance(state, tuple) else state
         t = torch.tensor([0.0, self.final_time], device=first.device, dtype=first.dtype)
         s = self.solver
-        kwargs = dict(rtol=s.rtol, atol=s.atol, method=s.method, options=s.options)
+        kwargs = dict(rtol=s.rtol, atol=s.atol, method=fast_method(s.method), options=s.options)
         if s.adjoint != "direct" and torch.is_grad_enabled():
             adjoint_options = {**s.options, "norm": "seminorm"} if s.adjoint == "seminorm" else None
             return odeint_adjoint(self.dynamics, state, t, adjoint_options=adjoint_options,
@@ -193,8 +205,11 @@ class Classifier(nn.Module):
         super().__init__()
         self.features = features
         self.head = nn.Linear(head_in, NUM_CLASSES)
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.features(x).flatten(1))
 
     @property
@@ -244,8 +259,24 @@ def build(config: RunConfig) -> Classifier:
     """The classifier a run configuration describes."""
     image = IMAGE_SHAPE[config.dataset]
     if config.model.endswith("complex"):
-        return _build_complex(config, image)
-    return _build_simple(config, image)
+        model = _build_complex(config, image)
+    else:
+        model = _build_simple(config, image)
+    return _apply_speed_levers(model, config)
+
+
+def _apply_speed_levers(model: Classifier, config: RunConfig) -> Classifier:
+    """channels_last, block_precision and compile_block: each changes how the block
+    functions (ODE dynamics, residual branches) run, not what they compute."""
+    for module in model.modules():
+        if isinstance(module, (ResidualBlock, CountedDynamics)):
+            module.bf16 = config.block_precision == "bf16"
+            if config.compile_block:
+                module.f.compile()  # in place: parameter names and checkpoints stay the same
+    if config.channels_last:
+        model.channels_last = True
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def ode_block(f: nn.Module, config: RunConfig) -> ODEBlock:
