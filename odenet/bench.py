@@ -85,6 +85,7 @@ QUICK = dict(
     concurrency="1,2", concurrency_epochs=1,
 )
 MIN_REPEATS = 3
+WARM_UP_FROM_EPOCHS = 3
 
 
 # -- command line -------------------------------------------------------------------
@@ -585,15 +586,18 @@ def summarise(result: dict[str, Any]) -> dict[str, float] | None:
     epochs = result.get("epochs") or []
     if result.get("error") or not epochs:
         return None
-    n = len(epochs)
-    train_time = sum(e["train_time_s"] for e in epochs)
+    # From three epochs on, the first is a warm-up (CUDA kernel selection, torch.compile)
+    # and stays out of the timings; accuracy is still read after the last epoch.
+    timed = epochs[1:] if len(epochs) >= WARM_UP_FROM_EPOCHS else epochs
+    n = len(timed)
+    train_time = sum(e["train_time_s"] for e in timed)
     return dict(
-        epoch_time_s=sum(e["epoch_time_s"] for e in epochs) / n,
+        epoch_time_s=sum(e["epoch_time_s"] for e in timed) / n,
         train_time_s=train_time / n,
         images_per_s=result["train_images"] * n / train_time if train_time > 0 else math.nan,
-        fnfe=sum(e["fnfe"] for e in epochs) / n,
-        bnfe=sum(e["bnfe"] for e in epochs) / n,
-        val_fnfe=sum(e["val_fnfe"] for e in epochs) / n,
+        fnfe=sum(e["fnfe"] for e in timed) / n,
+        bnfe=sum(e["bnfe"] for e in timed) / n,
+        val_fnfe=sum(e["val_fnfe"] for e in timed) / n,
         val_acc=epochs[-1]["val_acc"],
         peak_mib=result["peak_mib"],
     )
@@ -642,11 +646,11 @@ def main(args: argparse.Namespace) -> int:
             sharing[arrangement.key].append(results)
             _log(f"[{repeat}/{s.repeats} {j}/{units} {_clock(time.time() - started)}] {arrangement.key}: "
                  + "; ".join(_brief(r) for r in results))
-
-    report = Report(s, cases, arrangements, runs, sharing, cores, device, time.time() - started, loads)
-    text = report.markdown()
-    s.out.parent.mkdir(parents=True, exist_ok=True)
-    s.out.write_text(text)
+        # Written after every repetition: a run stopped early still leaves its finished ones.
+        report = Report(s, cases, arrangements, runs, sharing, cores, device, time.time() - started, loads)
+        text = report.markdown()
+        s.out.parent.mkdir(parents=True, exist_ok=True)
+        s.out.write_text(text)
     print(text)
     _log(f"wrote {s.out}")
     return 0
@@ -688,6 +692,7 @@ class Report:
     def __init__(self, s, cases, arrangements, runs, sharing, cores, device, wall_s, loads=()):
         self.s, self.cases, self.arrangements = s, cases, arrangements
         self.loads = [x for x in loads if not math.isnan(x)]
+        self.completed = min((len(v) for v in runs.values()), default=0)
         self.cores, self.device, self.wall_s = cores, device, wall_s
         self.per_repeat = {k: [summarise(r) for r in v] for k, v in runs.items()}
         self.errors = {k: [r.get("error") for r in v if r.get("error")] for k, v in runs.items()}
@@ -864,6 +869,8 @@ class Report:
                f"max {max(self.loads):.1f} (the benchmark itself keeps about {self.cores} busy; more means "
                f"other work shared the machine)." if self.loads else "."),
             f"- Command: `{s.command()}`",
+        ] + ([f"- **Incomplete**: {self.completed} of {s.repeats} repetitions finished; the medians are "
+              f"over those."] if self.completed < s.repeats else []) + [
             f"- Data: real FashionMNIST, the first {s.subset} training images, split 80/20 with split seed 0: "
             f"{self.train_images} training, {self.val_images} validation images. Models at width {s.width}, "
             f"batch size {s.batch_size}, Adam lr 1e-3, seed 0, {s.epochs} epoch(s) per run, "
@@ -882,7 +889,8 @@ class Report:
             "show medians over the repetitions; every ratio (`x ...`, speed-ups) is the median of the ratios "
             "taken within each repetition, against the baseline measured in that same repetition.",
             "- **epoch s**: wall time of one epoch as `odenet.train.fit` reports it (`epoch_time_s`: training "
-            "plus validation), averaged over the run's epochs. **spread %**: (max - min) / median of it over "
+            f"plus validation), averaged over the run's epochs, the first left out from {WARM_UP_FROM_EPOCHS} "
+            "epochs on (warm-up: CUDA kernel selection, torch.compile). **spread %**: (max - min) / median of it over "
             "the repetitions, the noise of this machine. **train img/s**: training images / training time, "
             "validation excluded (our loop's validation call is timed apart by wrapping "
             "`odenet.train.loss_and_accuracy` in the worker process).",

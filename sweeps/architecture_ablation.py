@@ -8,7 +8,8 @@ the sweep's parent run. Run it on a Ray cluster or on this machine:
     python sweeps/architecture_ablation.py --smoke
 
 Override the space with --space NAME=VALUES (e.g. --space final_time=1,2
---space lr=loguniform:1e-4:1e-2) or a YAML --space-file.
+--space lr=loguniform:1e-4:1e-2) or a YAML --space-file; --speed-levers adds the
+training solver and the regulariser weights (see BENCHMARKS.md) to it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ SEARCH_SPACE = {
     "optimizer": choice("adam", "sgd"),
 }
 
+# --speed-levers: the levers of BENCHMARKS.md that change results, as searched dimensions,
+# so the searcher weighs a cheaper training solve against accuracy. Trials validate and
+# test with dopri5 at the study's tolerance whatever they train with (eval_solver), so
+# val_acc and test_acc stay comparable across trials; step_size matters to rk4 and euler only.
+SPEED_SPACE = {
+    "solver": choice("dopri5", "bosh3", "rk4", "euler"),
+    "step_size": choice(0.25, 0.5, 1.0),
+    "kinetic_energy": choice(0.0, 0.01, 0.1, 1.0),
+    "jacobian_norm": choice(0.0, 0.01, 0.1),
+}
+SPEED_EVAL_SOLVER = "dopri5"
+# Where the study's points sit on those dimensions: the unregularised dopri5 solve.
+STUDY_SPEED_VALUES = {"solver": "dopri5", "step_size": 0.25, "kinetic_energy": 0.0, "jacobian_norm": 0.0}
+
 # The study's own settings, evaluated first so the searcher starts from known ground.
 STUDY_POINTS = [
     {"activation_before": "relu", "activation_inside": "relu", "stride": 2, "final_time": 1,
@@ -54,7 +69,7 @@ def first_points(space, given: list[dict]) -> list[dict]:
     for point in given:
         points.append(_complete(space, point))
     for point in STUDY_POINTS:
-        candidate = _complete(space, {k: v for k, v in point.items() if k in space})
+        candidate = _complete(space, {k: v for k, v in {**STUDY_SPEED_VALUES, **point}.items() if k in space})
         if _problem(space, candidate) is None and candidate not in points:
             points.append(candidate)
     return points
@@ -121,6 +136,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--space", action="append", metavar="NAME=VALUES",
                         help="override a dimension: relu,tanh (a choice), loguniform:1e-4:1e-2, uniform:0:1")
     parser.add_argument("--space-file", metavar="FILE", help="YAML mapping of dimensions to lists or {loguniform: [a, b]}")
+    parser.add_argument("--speed-levers", action="store_true",
+                        help="also search the training solver, its step size and the kinetic-energy and "
+                             "Jacobian regulariser weights (validation and test stay dopri5)")
     parser.add_argument("--points-file", metavar="FILE",
                         help="YAML/JSON list of settings to evaluate first, before the study's own")
     args = parser.parse_args(argv)
@@ -133,11 +151,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def architecture_ablation(argv: Sequence[str] | None = None):
+    args, base = prepare(argv)
+    return run(args, base, Sweep(args.resolved_space, tuner_parts), program="architecture_ablation")
+
+
+def prepare(argv: Sequence[str] | None):
+    """The parsed flags (with the resolved space and first points) and the trials' base
+    config, every problem reported before Ray starts."""
     from sweeps.tuning import build_space
 
     args = parse_args(argv)
     base = base_config(args, SMOKE_CONFIG)
-    args.resolved_space = build_space(SEARCH_SPACE, args)
+    declared = SEARCH_SPACE
+    if args.speed_levers:
+        declared = {**SEARCH_SPACE, **SPEED_SPACE}
+        if base.eval_solver is None:
+            base = base.replace(eval_solver=SPEED_EVAL_SOLVER)
+    args.resolved_space = build_space(declared, args)
     args.points = load_points(args.points_file, args.resolved_space)
     errors = []
     if args.grace_period < 1:
@@ -146,7 +176,7 @@ def architecture_ablation(argv: Sequence[str] | None = None):
         errors.append(f"--reduction-factor {args.reduction_factor:g}: expected a number > 1")
     if errors:
         raise SweepError(errors)
-    return run(args, base, Sweep(args.resolved_space, tuner_parts), program="architecture_ablation")
+    return args, base
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""The architecture ablation's search space, resolved without starting Ray."""
+
+import importlib.util
+
+from sweeps.tuning import check_space
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("architecture_ablation", REPO / "sweeps" / "architecture_ablation.py")
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def test_speed_levers_join_the_space_and_keep_evaluation_on_dopri5():
+    args, base = ablation.prepare(["--smoke", "--speed-levers"])
+    space = args.resolved_space
+    assert set(ablation.SPEED_SPACE) <= set(space) and set(ablation.SEARCH_SPACE) <= set(space)
+    assert list(space["solver"].values) == ["dopri5", "bosh3", "rk4", "euler"]
+    assert base.eval_solver == "dopri5"
+    assert check_space(space, base) == []
+    # the study's points still start the search, at the unregularised dopri5 solve
+    points = ablation.first_points(space, [])
+    assert len(points) == len(ablation.STUDY_POINTS)
+    assert all(p["solver"] == "dopri5" and p["kinetic_energy"] == 0.0 and p["jacobian_norm"] == 0.0
+               for p in points)
+    assert all(set(p) == set(space) for p in points)
+
+
+def test_without_speed_levers_the_space_is_the_studys():
+    args, base = ablation.prepare(["--smoke"])
+    assert set(args.resolved_space) == set(ablation.SEARCH_SPACE)
+    assert base.eval_solver is None
+
+
+def test_an_explicit_eval_solver_wins():
+    _, base = ablation.prepare(["--smoke", "--speed-levers", "--eval-solver", "rk4"])
+    assert base.eval_solver == "rk4"
