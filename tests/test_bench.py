@@ -31,7 +31,9 @@ def test_quick_run_writes_every_table_with_positive_numbers(tmp_path, real_data_
     result = odenet("bench", "--quick", "--out", "tmp/BENCH.md", "--data-dir", str(real_data_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "tmp" / "BENCH.md").read_text()
-    assert text.strip() in result.stdout  # the tables are printed too
+    assert text.startswith("<!-- odenet bench: cpu -->\n# Benchmarks on the CPU")
+    body = text.split("-->\n", 1)[1].rsplit("\n<!--", 1)[0]
+    assert body.strip() in result.stdout  # the tables are printed too
 
     # header: machine, date, the command that reproduces the run
     assert "- Machine: " in text and " cores available" in text and "torch " in text
@@ -152,3 +154,13 @@ def test_bad_options_are_named_before_any_work(tmp_path, capsys):
     assert "--repeats 2: expected at least 3" in err
     assert "--models 'resnet-tiny'" in err and "unknown atom 'warp'" in err
     assert not (tmp_path / "B.md").exists()
+
+
+def test_cpu_and_gpu_runs_share_one_file_each_rewriting_its_own_section(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    bench.write_section(out, "cpu", "cpu tables, first run")
+    bench.write_section(out, "cuda", "gpu tables")
+    bench.write_section(out, "cpu", "cpu tables, second run")
+    text = out.read_text()
+    assert "first run" not in text and text.count("second run") == 1 and text.count("gpu tables") == 1
+    assert text.index("second run") < text.index("gpu tables")  # the cpu section stays where it was
