@@ -8,7 +8,7 @@ CHECKOV_VENV ?= .venv-checkov
 SYSTEM_PACKAGES := dataset-fashion-mnist chromium
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv system-packages checkov clean
+.PHONY: demo test venv system-packages checkov clean bench
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ system-packages:
 
 demo: venv system-packages
 	$(PY) sweeps/architecture_ablation.py --smoke
+
+# The CPU section of BENCHMARKS.md (about 20 minutes on 2 cores; keep the machine otherwise idle).
+bench: venv system-packages
+	$(VENV)/bin/odenet bench --out BENCHMARKS.md
 
 test: venv checkov system-packages
 	CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
