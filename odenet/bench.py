@@ -522,14 +522,14 @@ def _reference_loop(config, data, device, val_batches: int) -> list[dict[str, fl
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
-            before = _fnfe(counters)  # the adjoint's backward solve evaluates f too: count the forward alone
+            before = _total(counters, "fnfe")  # the adjoint's backward solve evaluates f too: count the forward alone
             logits = model(x)
-            forward_nfe += _fnfe(counters) - before
+            forward_nfe += _total(counters, "fnfe") - before
             loss = F.cross_entropy(logits, y)
             loss.backward()
             optimizer.step()
             batches += 1
-        fnfe, bnfe = forward_nfe / batches, sum(c.bnfe for c in counters) / batches
+        fnfe, bnfe = forward_nfe / batches, _total(counters, "bnfe") / batches
         _sync(device)
         train_time = time.perf_counter() - start
         model.eval()
@@ -542,12 +542,13 @@ def _reference_loop(config, data, device, val_batches: int) -> list[dict[str, fl
         _sync(device)
         epochs.append(dict(epoch_time_s=time.perf_counter() - start, train_time_s=train_time,
                            val_acc=correct / len(val_set), fnfe=fnfe, bnfe=bnfe,
-                           val_fnfe=_fnfe(counters) / val_batches))
+                           val_fnfe=_total(counters, "fnfe") / val_batches))
     return epochs
 
 
-def _fnfe(counters) -> int:
-    return sum(c.fnfe for c in counters)
+def _total(counters, kind: str) -> int:
+    """Summed NFE (kind: fnfe or bnfe) of the reference model's ODE-function counters."""
+    return sum(getattr(c, kind) for c in counters)
 
 
 def _reset(counters) -> None:

@@ -9,7 +9,7 @@ about half of a CPU training step with the adjoint, more than the convolutions
 
 These solvers keep the stages as separate contiguous tensors, combine them with a chain
 of fused multiply-adds that skips the tableau's zeros, and fit the interpolant only for
-the step that crosses the output time. Everything else is torchdiffeq's: tableaux,
+the step that crosses the output time (every step while searching for an event). Everything else is torchdiffeq's: tableaux,
 initial step, error norm (including the adjoint's seminorm), step-size controller, the
 adjoint itself. So a solve accepts and rejects the same steps, costs the same NFE and
 returns the same state up to float rounding (tests/test_solvers.py holds them to that).
@@ -67,6 +67,7 @@ class _StageListRungeKutta:
 
     def _before_integrate(self, t):
         super()._before_integrate(t)
+        self._fit_every_step = False
         if len(self.step_t) or len(self.jump_t):
             raise ValueError(f"{type(self).__name__} has no step_t/jump_t support; use torchdiffeq's "
                              f"{type(self).__mro__[2].__name__}")
@@ -118,6 +119,8 @@ class _StageListRungeKutta:
             self.func.callback_accept_step(t0, y0, dt)
             t_next, y_next, f_next = t1, y1, f1
             interp_coeff = _Pending(y0, y1, stages, dt)
+            if self._fit_every_step:
+                interp_coeff = self._fit(interp_coeff)
         else:
             self.func.callback_reject_step(t0, y0, dt)
             t_next, y_next, f_next = t0, y0, f0
@@ -143,7 +146,9 @@ class _StageListRungeKutta:
         return _interp_fit(step.y0, step.y1, y_mid, step.stages[0], step.stages[-1], dt)
 
     def _advance_until_event(self, event_fn):
-        raise NotImplementedError(f"{type(self).__name__} does not handle events; use torchdiffeq's own solver")
+        # torchdiffeq's event search reads each step's interpolant as it goes: fit them all.
+        self._fit_every_step = True
+        return super()._advance_until_event(event_fn)
 
 
 class Dopri5(_StageListRungeKutta, Dopri5Solver):

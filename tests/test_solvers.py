@@ -73,3 +73,22 @@ def test_jump_points_are_refused_not_ignored():
     with pytest.raises(ValueError, match="jump_t"):
         odeint(lambda t, z: f(z), torch.ones(2), torch.tensor([0.0, 1.0]), method=fast_method("dopri5"),
                options={"jump_t": torch.tensor([0.5])})
+
+
+def test_events_are_found_where_torchdiffeq_finds_them():
+    from torchdiffeq import odeint_event
+
+    def falling(t, z):
+        return -torch.ones_like(z) * (1 + z.abs())
+
+    def ground(t, z):
+        return z.sum()
+
+    z0, t0 = torch.tensor([1.0], dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    found = [odeint_event(falling, z0, t0, event_fn=ground, method=m, rtol=1e-6, atol=1e-8)
+             for m in ("dopri5", fast_method("dopri5"))]
+    (t_stock, z_stock), (t_fast, z_fast) = found
+    # the event search bisects to atol, so rounding may move its end point within that
+    torch.testing.assert_close(t_fast, t_stock, rtol=0, atol=1e-8)
+    torch.testing.assert_close(z_fast, z_stock, rtol=0, atol=1e-8)
+    assert 0 < float(t_fast) < 1
