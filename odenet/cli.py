@@ -70,9 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def summary(outcome) -> str:
+    from odenet.summary import summarize
+
     r, fitted = outcome.report, outcome.fitted
+    run = summarize([m.as_dict() for m in fitted.history])
     lines = [
-        f"best epoch {fitted.best_epoch} of {len(fitted.history)}"
+        f"best epoch {run['best_epoch']} of {run['epochs']} (val acc {run['best_val_acc']:.4f})"
         + (" (early stopping)" if fitted.stopped_early else ""),
         f"test accuracy {r.accuracy:.4f}  test loss {r.loss:.4f}  test fnfe {r.fnfe:.1f}",
         f"parameters {r.params_total:,} in total, {r.params_outside_head:,} outside the head",
@@ -134,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    report = sub.add_parser("report", help="the study's tables from an MLflow experiment")
+    report = sub.add_parser("report", help="an experiment's tables with intervals and verdicts, logged to its parent run")
     report.add_argument("--experiment", required=True, help="MLflow experiment name")
-    report.add_argument("--out", metavar="DIR", help="also write the tables as CSV and the figures as PNG here")
+    report.add_argument("--out", metavar="DIR",
+                        help="where report.md, the CSV tables and the PNG figures go (default: reports/EXPERIMENT)")
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="measure training speed against baselines; writes BENCHMARKS.md")

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 DATASETS = ("fashion-mnist", "cifar10")
 MODELS = ("odenet-simple", "resnet-small", "resnet-large", "odenet-complex", "resnet-complex")
 ODE_MODELS = ("odenet-simple", "odenet-complex")
+SIMPLE_MODELS = ("odenet-simple", "resnet-small", "resnet-large")
 ACTIVATIONS_BEFORE = ("none", "relu", "tanh", "softplus")
 ACTIVATIONS_INSIDE = ("relu", "tanh", "softplus")
 NORMS = ("groupnorm", "batchnorm", "none")
@@ -27,6 +28,10 @@ ADJOINT_MODES = ("adjoint", "seminorm", "direct")
 OPTIMIZERS = ("adam", "sgd")
 BLOCK_PRECISIONS = ("fp32", "bf16")
 STRIDES = (1, 2)
+# The stem (1x1 convolution with a stride, then an activation) exists in the simple models
+# only: these settings are left unset (None) for the complex ones, whose first layers are
+# the stages themselves, and resolve to the study's values for the simple ones.
+STEM_SETTINGS = {"stride": 2, "activation_before": "relu"}
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -54,9 +59,20 @@ class RunConfig:
         "CIFAR-10), first-stage channels of the complex ones (default 64)",
         default=None,
     )
-    augment_dims: int = _opt("augmented zero channels A", default=2)
-    stride: int = _opt("stride of the stem convolution: 1 or 2", default=2)
-    activation_before: str = _opt(f"activation before the block: {', '.join(ACTIVATIONS_BEFORE)}", default="relu")
+    augment_dims: int = _opt(
+        "augmented zero channels A: concatenated after the stem (simple models), kept beside the image "
+        "channels inside the block (complex models)",
+        default=2,
+    )
+    stride: int | None = _opt(
+        "stride of the stem convolution: 1 or 2; simple models only (unset: 2), the complex ones have no stem",
+        default=None,
+    )
+    activation_before: str | None = _opt(
+        f"activation before the block: {', '.join(ACTIVATIONS_BEFORE)}; simple models only (unset: relu), "
+        "the complex ones have no stem",
+        default=None,
+    )
     activation_inside: str = _opt(f"activation inside the block: {', '.join(ACTIVATIONS_INSIDE)}", default="relu")
     norm: str = _opt(f"norm inside the block: {', '.join(NORMS)}", default="groupnorm")
     # ODE solve
@@ -95,6 +111,12 @@ class RunConfig:
     # where
     device: str = _opt("device: auto, cpu, cuda or cuda:N", default="auto")
     reevaluate: bool = _opt("re-evaluate ODE models with other solvers after training", default=True)
+
+    def __post_init__(self) -> None:
+        if not self.is_complex:
+            for name, study_value in STEM_SETTINGS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, study_value)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
@@ -141,27 +163,29 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A validated copy with some fields changed."""
-        return RunConfig.from_dict({**self.to_dict(), **changes})
+        """A validated copy with some fields changed. A change of model between the simple and
+        the complex family drops the stem settings not given with it: they belong to the model."""
+        values = {**self.to_dict(), **changes}
+        if "model" in changes and (str(changes["model"]).endswith("complex")) != self.is_complex:
+            values.update({name: None for name in STEM_SETTINGS if name not in changes})
+        return RunConfig.from_dict(values)
 
     @property
     def is_ode(self) -> bool:
         return self.model in ODE_MODELS
 
     @property
+    def is_complex(self) -> bool:
+        return str(self.model).endswith("complex")
+
+    @property
     def channels(self) -> int:
         """Width: the study's C (64 FashionMNIST, 256 CIFAR-10), or 64 for complex models."""
         if self.width is not None:
             return self.width
-        if self.model.endswith("complex") or self.dataset == "fashion-mnist":
+        if self.is_complex or self.dataset == "fashion-mnist":
             return 64
         return 256
-
-    def validate(self) -> None:
-        """Raise ConfigError listing every invalid field at once."""
-        errors = self.problems()
-        if errors:
-            raise ConfigError(errors)
 
     def problems(self) -> list[str]:
         """One message per invalid field: the field, its value and what is allowed."""
@@ -186,7 +210,14 @@ class RunConfig:
 
         choice("dataset", DATASETS)
         choice("model", MODELS)
-        choice("activation_before", ACTIVATIONS_BEFORE)
+        if self.is_complex:
+            for name in STEM_SETTINGS:
+                if getattr(self, name) is not None:
+                    errors.append(f"{name}={getattr(self, name)!r}: {self.model} has no stem, so {name} does not "
+                                  f"apply; leave it unset (it applies to {', '.join(SIMPLE_MODELS)})")
+        else:
+            choice("activation_before", ACTIVATIONS_BEFORE)
+            choice("stride", STRIDES)
         choice("activation_inside", ACTIVATIONS_INSIDE)
         choice("norm", NORMS)
         choice("solver", SOLVERS)
@@ -197,7 +228,6 @@ class RunConfig:
         at_least("jacobian_norm", 0)
         choice("block_precision", BLOCK_PRECISIONS)
         choice("optimizer", OPTIMIZERS)
-        choice("stride", STRIDES)
         at_least("subset", 10, optional=True)
         at_least("test_subset", 1, optional=True)
         at_least("width", 1, optional=True)

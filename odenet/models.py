@@ -336,8 +336,8 @@ def _stages(c_in: int, width: int, config: RunConfig, residual: bool) -> nn.Sequ
 
 
 class ShapeChangingDynamics(nn.Module):
-    """f for an ODE state of the input's full size: drop the padding channels (keeping one
-    zero channel as augmentation), run the stages, zero-pad their output back to the
+    """f for an ODE state of the input's full size: drop the padding channels (keeping A
+    zero channels as augmentation), run the stages, zero-pad their output back to the
     state's shape. This is how layers that change shape live inside an ODE block."""
 
     def __init__(self, stages: nn.Module, keep_channels: int):
@@ -376,9 +376,10 @@ def _build_complex(config: RunConfig, image: tuple[int, int, int]) -> Classifier
     width = config.channels
     out_channels, out_h, out_w = 4 * width, h // 8, w // 8
     head_in = out_channels * out_h * out_w
+    keep = c_in + config.augment_dims  # the image channels and A zero channels of augmentation
     if config.model == "resnet-complex":
-        return Classifier(_stages(c_in, width, config, residual=True), head_in)
-    keep = c_in + 1  # the image channels and one zero channel of augmentation
+        return Classifier(nn.Sequential(Augment(config.augment_dims), _stages(keep, width, config, residual=True)),
+                          head_in)
     f = ShapeChangingDynamics(_stages(keep, width, config, residual=False), keep)
     features = nn.Sequential(
         PadTo(out_channels),

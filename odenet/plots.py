@@ -48,31 +48,68 @@ def learning_curves(history: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def nfe_curves(history: pd.DataFrame, path: Path, label: str = "") -> Path:
+def nfe_curves(history: pd.DataFrame, path: Path) -> Path:
     """Mean forward and backward function evaluations per batch, per epoch."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(history["epoch"], history["fnfe"], marker="o", label=f"FNFE {label}".strip())
-    ax.plot(history["epoch"], history["bnfe"], marker="s", label=f"BNFE {label}".strip())
+    ax.plot(history["epoch"], history["fnfe"], marker="o", label="FNFE")
+    ax.plot(history["epoch"], history["bnfe"], marker="s", label="BNFE")
     ax.set(xlabel="epoch", ylabel="function evaluations per batch", title="NFE per epoch")
     ax.legend()
     return _save(fig, path)
 
 
-def scatter(frame: pd.DataFrame, x: str, y: str, group: str, path: Path, title: str) -> Path:
-    """One marker per row, coloured by `group`: accuracy against parameters or epoch time."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in frame.groupby(group):
-        ax.scatter(rows[x], rows[y], label=str(name))
-    ax.set(xlabel=x, ylabel=y, title=title)
-    ax.legend(fontsize=7)
+def interval_bars(labels: Sequence[str], intervals: Sequence, path: Path, title: str, ylabel: str) -> Path:
+    """One marker per value with its interval as an error bar (odenet.stats.Interval)."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(labels) + 2), 4))
+    means = np.array([i.mean for i in intervals], dtype=float)
+    low = np.array([i.low for i in intervals], dtype=float)
+    high = np.array([i.high for i in intervals], dtype=float)
+    errors = np.nan_to_num(np.vstack([means - low, high - means]), nan=0.0)
+    ax.errorbar(range(len(labels)), means, yerr=errors, fmt="o", capsize=4)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set(ylabel=ylabel, title=title)
     return _save(fig, path)
 
 
-def per_setting_curves(curves: dict[str, pd.DataFrame], column: str, path: Path, title: str) -> Path:
-    """`column` per epoch, one line per setting (e.g. FNFE for each T_n)."""
+def importance_bars(ranked: pd.DataFrame, path: Path, title: str) -> Path:
+    """Permutation importance per dimension, with its standard deviation."""
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(ranked) + 1.5))
+    ax.barh(ranked["dimension"], ranked["importance"], xerr=ranked["sd"], capsize=3)
+    ax.invert_yaxis()
+    ax.set(xlabel="drop in R² when shuffled", title=title)
+    return _save(fig, path)
+
+
+def partial_dependence(dependence: dict, path: Path, target: str) -> Path:
+    """Per dimension: the forest's average prediction over its values (line) and the trials (dots)."""
+    n = len(dependence)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (name, (labels, average, x, y, categorical, categories)) in zip(axes.flat, dependence.items()):
+        if categorical:
+            positions = range(len(labels))
+            ax.plot(positions, average, "o-", label="partial dependence")
+            ax.scatter(x, y, alpha=0.4, s=12, label="trials")
+            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        else:
+            grid = [float(v) for v in labels]
+            ax.plot(np.log10(grid) if name in ("lr", "weight_decay") else grid, average, "-", label="partial dependence")
+            ax.scatter(x, y, alpha=0.4, s=12, label="trials")
+        ax.set(title=name, ylabel=target)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def per_setting_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
+    """FNFE (solid) and BNFE (dashed) per epoch, one colour per setting (e.g. each T_n)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, history in curves.items():
-        ax.plot(history["epoch"], history[column], marker="o", label=label)
-    ax.set(xlabel="epoch", ylabel=column, title=title)
+    for i, (label, history) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        ax.plot(history["epoch"], history["fnfe"], "o-", color=colour, label=label)
+        ax.plot(history["epoch"], history["bnfe"], "s--", color=colour)
+    ax.set(xlabel="epoch", ylabel="function evaluations per batch", title=title)
     ax.legend(fontsize=6)
     return _save(fig, path)

@@ -17,6 +17,7 @@ from odenet.config import RunConfig
 from odenet.evaluate import TestReport, evaluate, reevaluate
 from odenet.failures import Diverged, solver_failures
 from odenet.models import SolverSettings
+from odenet.summary import reevaluation_metrics, summarize
 from odenet.train import CHECKPOINT_FILE, EpochCallback, EpochMetrics, FitResult, fit, load_checkpoint
 
 
@@ -28,20 +29,10 @@ class RunOutcome:
     reevaluation: pd.DataFrame | None
 
     def final_metrics(self) -> dict[str, float]:
-        """Test metrics, parameter counts, best epoch and the solver re-evaluation, flat."""
-        metrics = {**self.report.metrics(), "best_epoch": self.fitted.best_epoch,
-                   "epochs": len(self.fitted.history)}
-        if self.fitted.history:
-            best = self.fitted.history[self.fitted.best_epoch - self.fitted.history[0].epoch]
-            metrics["best_val_acc"] = best.val_acc
-            metrics["best_val_loss"] = best.val_loss
-            metrics["mean_epoch_time_s"] = sum(m.epoch_time_s for m in self.fitted.history) / len(self.fitted.history)
-            metrics["mean_fnfe"] = sum(m.fnfe for m in self.fitted.history) / len(self.fitted.history)
-            metrics["mean_bnfe"] = sum(m.bnfe for m in self.fitted.history) / len(self.fitted.history)
+        """Test metrics, parameter counts, the history's summary and the solver re-evaluation, flat."""
+        metrics = {**self.report.metrics(), **summarize([m.as_dict() for m in self.fitted.history])}
         if self.reevaluation is not None:
-            for row in self.reevaluation.itertuples():
-                metrics[f"eval_acc_{row.solver}"] = row.accuracy
-                metrics[f"eval_fnfe_{row.solver}"] = row.fnfe
+            metrics.update(reevaluation_metrics(self.reevaluation))
         return metrics
 
 

@@ -267,7 +267,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         values = metrics.as_dict()
-        self._history.append(values)
+        self._history.append(dict(values))  # a copy: the epoch leaves `values` below
         now = int(time.time() * 1000)
         step = values.pop("epoch")
         self._writer.put([Metric(k, float(v), now, step) for k, v in values.items()])

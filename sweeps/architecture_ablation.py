@@ -1,11 +1,16 @@
 """The architecture ablation: which design choices make an ODEnet train well.
 
-HyperOptSearch (seeded with the study's own settings) proposes trials, the ASHA
-scheduler stops the unpromising ones early, every trial is an MLflow child run of
+Two designs, one space. --design search (the default): HyperOptSearch (seeded with the
+study's own settings) proposes trials and the ASHA scheduler stops the unpromising ones
+early: it finds good settings. --design one-at-a-time: from a base setting (the study's,
+--base-file, or --base-from-experiment of a search), each dimension varies alone over its
+values, every cell over --seeds seeds, every trial to early stopping: it measures each
+setting's effect, with intervals (`odenet report`). Every trial is an MLflow child run of
 the sweep's parent run. Run it on a Ray cluster or on this machine:
 
     ray job submit --working-dir . -- python sweeps/architecture_ablation.py
     python sweeps/architecture_ablation.py --smoke
+    python sweeps/architecture_ablation.py --design one-at-a-time --dimensions final_time,norm --seeds 3
 
 Override the space with --space NAME=VALUES (e.g. --space final_time=1,2
 --space lr=loguniform:1e-4:1e-2) or a YAML --space-file; --speed-levers adds the
@@ -15,11 +20,14 @@ training solver and the regulariser weights (see BENCHMARKS.md) to it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Sequence
 
 from pathlib import Path
 
+from odenet.config import STEM_SETTINGS
+from sweeps import designs
 from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, choice, loguniform, main, run
 
 # The search space: every dimension the study varies, as declared once here.
@@ -60,6 +68,7 @@ STUDY_POINTS = [
 # --smoke: the same code path, small enough for a 2-core CPU in a few minutes.
 SMOKE_CONFIG = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 3, "batch_size": 64}
 SMOKE_SWEEP = {"num_samples": 6, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2}
+SMOKE_DIMENSIONS = "activation_before"
 
 
 def first_points(space, given: list[dict]) -> list[dict]:
@@ -118,8 +127,12 @@ def tuner_parts(base, args):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
+    if args.design == designs.DESIGN:
+        return None, None  # every cell, trained to the same budget and early stopping
     searcher = HyperOptSearch(points_to_evaluate=first_points(args.resolved_space, args.points) or None,
                               random_state_seed=args.searcher_seed)
+    if args.scheduler == "fifo":
+        return ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent), None
     # max_t beyond the last epoch: ASHA stops trials between rungs, while a trial that
     # reaches max_epochs ends by itself and still evaluates on the test set.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=base.max_epochs + 1, grace_period=args.grace_period,
@@ -130,9 +143,26 @@ def tuner_parts(base, args):
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, default_name="architecture_ablation")
-    asha = parser.add_argument_group("ASHA scheduler (over epochs; max epochs is --max-epochs)")
+    parser.add_argument("--design", choices=("search", designs.DESIGN), default="search",
+                        help="search: HyperOptSearch + ASHA over the whole space, to find good settings (default); "
+                             "one-at-a-time: vary one dimension at a time from a base over --seeds seeds, "
+                             "to measure each setting's effect with intervals")
+    asha = parser.add_argument_group("search: ASHA scheduler (over epochs; max epochs is --max-epochs)")
+    asha.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                      help="asha stops unpromising trials early; fifo trains every trial to early stopping "
+                           "(default: asha)")
     asha.add_argument("--grace-period", type=int, default=2, help="epochs before a trial may be stopped (default: 2)")
     asha.add_argument("--reduction-factor", type=float, default=2, help="keep 1 in this many at each rung (default: 2)")
+    oat = parser.add_argument_group("one-at-a-time design")
+    oat.add_argument("--seeds", type=int, help="seeds per cell: initial weights and batch order; the validation "
+                                               "split stays fixed (default: 3)")
+    oat.add_argument("--dimensions", metavar="A,B", help="the dimensions to ablate (default: every searched one; "
+                                                         "with --smoke: activation_before)")
+    where = oat.add_mutually_exclusive_group()
+    where.add_argument("--base-file", metavar="FILE", help="YAML mapping of dimensions to the base's values "
+                                                           "(default: the study's setting)")
+    where.add_argument("--base-from-experiment", metavar="NAME",
+                       help="the base is the best finished trial of this earlier search")
     parser.add_argument("--space", action="append", metavar="NAME=VALUES",
                         help="override a dimension: relu,tanh (a choice), loguniform:1e-4:1e-2, uniform:0:1")
     parser.add_argument("--space-file", metavar="FILE", help="YAML mapping of dimensions to lists or {loguniform: [a, b]}")
@@ -147,17 +177,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         for key, value in SMOKE_SWEEP.items():
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
+        if args.design == designs.DESIGN and args.dimensions is None:
+            args.dimensions = SMOKE_DIMENSIONS
     return args
 
 
 def architecture_ablation(argv: Sequence[str] | None = None):
-    args, base = prepare(argv)
-    return run(args, base, Sweep(args.resolved_space, tuner_parts), program="architecture_ablation")
+    args, base, sweep = prepare(argv)
+    return run(args, base, sweep, program="architecture_ablation")
 
 
 def prepare(argv: Sequence[str] | None):
-    """The parsed flags (with the resolved space and first points) and the trials' base
-    config, every problem reported before Ray starts."""
+    """The parsed flags, the trials' base config and the sweep (a space to search, or the
+    one-at-a-time cells), every problem reported before Ray starts."""
     from sweeps.tuning import build_space
 
     args = parse_args(argv)
@@ -167,6 +199,10 @@ def prepare(argv: Sequence[str] | None):
         declared = {**SEARCH_SPACE, **SPEED_SPACE}
         if base.eval_solver is None:
             base = base.replace(eval_solver=SPEED_EVAL_SOLVER)
+    if base.is_complex:
+        # The complex models have no stem: its settings leave the declared space (a --space
+        # that names them again is refused, as every setting the model would ignore).
+        declared = {k: v for k, v in declared.items() if k not in STEM_SETTINGS}
     args.resolved_space = build_space(declared, args)
     args.points = load_points(args.points_file, args.resolved_space)
     errors = []
@@ -174,9 +210,40 @@ def prepare(argv: Sequence[str] | None):
         errors.append(f"--grace-period {args.grace_period}: expected at least 1")
     if args.reduction_factor <= 1:
         errors.append(f"--reduction-factor {args.reduction_factor:g}: expected a number > 1")
+    if args.design == "search":
+        given = [flag for flag, value in (("--seeds", args.seeds), ("--dimensions", args.dimensions),
+                                          ("--base-file", args.base_file),
+                                          ("--base-from-experiment", args.base_from_experiment)) if value is not None]
+        if given:
+            errors.append(f"{', '.join(given)}: only for --design one-at-a-time")
+    elif args.seeds is not None and args.seeds < 1:
+        errors.append(f"--seeds {args.seeds}: expected at least 1")
     if errors:
         raise SweepError(errors)
-    return args, base
+    if args.design == "search":
+        return args, base, Sweep(args.resolved_space, tuner_parts)
+    return args, base, one_at_a_time(args, base)
+
+
+def one_at_a_time(args: argparse.Namespace, base) -> Sweep:
+    """The cells of a one-at-a-time ablation around the base point."""
+    space = args.resolved_space
+    dimensions = designs.check_dimensions(space, args.dimensions)
+    base_point = {k: v for k, v in {**STUDY_SPEED_VALUES, **STUDY_POINTS[0]}.items() if k in space}
+    if args.base_file:
+        base_point.update(designs.base_from_file(args.base_file, space))
+    elif args.base_from_experiment:
+        best = designs.best_trial_settings(args.base_from_experiment, list(space), "--base-from-experiment")
+        base_point.update({name: designs.typed(space[name], value) for name, value in best.items()})
+    missing = [name for name in space if name not in base_point]
+    if missing:
+        raise SweepError([f"the base has no value for {', '.join(missing)}: give it in --base-file"])
+    seeds = [base.seed + i for i in range(args.seeds or 3)]
+    cells = designs.cells(space, base_point, dimensions, seeds)
+    args.num_samples = 1  # the cells list every trial
+    return Sweep(space, tuner_parts, design=designs.DESIGN, cells=cells, columns=("seed", "ablated_dimension"),
+                 parent_params={"dimensions": ",".join(dimensions), "seeds": str(len(seeds)),
+                                "base_point": json.dumps(base_point)})
 
 
 if __name__ == "__main__":

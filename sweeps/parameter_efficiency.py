@@ -18,24 +18,23 @@ from typing import Sequence
 
 from odenet import tracking
 from odenet.config import DATASETS, MODELS
+from sweeps.designs import best_trial_settings
 from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, dimension, grid, main, run
 
 SMOKE_CONFIG = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 2, "batch_size": 64}
+SMOKE_SEEDS = 2  # the fewest that give an interval
 
 
 def best_hyperparameters(experiment: str) -> dict:
     """The searched settings of the finished trial with the best validation accuracy."""
+    tracking.check_server()
     c = tracking.client()
     found = c.get_experiment_by_name(experiment)
-    if found is None:
-        raise SweepError([f"--from-experiment {experiment!r}: no such MLflow experiment at {tracking.tracking_uri()}"])
-    parents = c.search_runs([found.experiment_id], "tags.sweep_role = 'parent'", max_results=1)
-    runs = c.search_runs([found.experiment_id], "attributes.status = 'FINISHED' and metrics.best_val_acc > 0",
-                         order_by=["metrics.best_val_acc DESC"], max_results=1)
-    if not parents or not runs:
-        raise SweepError([f"--from-experiment {experiment!r}: no finished sweep with a finished trial"])
+    parents = c.search_runs([found.experiment_id], "tags.sweep_role = 'parent'", max_results=1) if found else []
+    if not parents:
+        raise SweepError([f"--from-experiment {experiment!r}: no sweep logged there at {tracking.tracking_uri()}"])
     searched = json.loads(parents[0].data.params["search_space"])
-    return {name: runs[0].data.params[name] for name in searched if name in runs[0].data.params}
+    return best_trial_settings(experiment, list(searched), "--from-experiment")
 
 
 def tuner_parts(base, args):
@@ -53,21 +52,20 @@ def parameter_efficiency(argv: Sequence[str] | None = None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.datasets = "fashion-mnist" if args.datasets == ",".join(DATASETS) else args.datasets
-        args.seeds = 1 if args.seeds == 3 else args.seeds
+        args.seeds = SMOKE_SEEDS if args.seeds == 3 else args.seeds
         args.max_concurrent = 2 if args.max_concurrent == 4 else args.max_concurrent
-    base = base_config(args, SMOKE_CONFIG)
-    if args.from_experiment:
-        tracking.check_server()
-        base = base.replace(**best_hyperparameters(args.from_experiment))
     if args.seeds < 1:
         raise SweepError([f"--seeds {args.seeds}: expected at least 1"])
+    base = base_config(args, SMOKE_CONFIG)
+    if args.from_experiment:
+        base = base.replace(**best_hyperparameters(args.from_experiment))
     space = {
         "model": dimension("model", grid(*args.models.split(","))),
         "dataset": dimension("dataset", grid(*args.datasets.split(","))),
         "seed": dimension("seed", grid(*range(args.seeds))),
     }
     args.num_samples = 1  # the grid itself lists every trial
-    return run(args, base, Sweep(space, tuner_parts), program="parameter_efficiency")
+    return run(args, base, Sweep(space, tuner_parts, design="parameter-efficiency"), program="parameter_efficiency")
 
 
 if __name__ == "__main__":

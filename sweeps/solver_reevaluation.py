@@ -18,6 +18,8 @@ import pandas as pd
 
 from odenet import tracking
 from odenet.config import ODE_MODELS
+from odenet.stats import mean_interval
+from odenet.summary import reevaluation_metrics
 from sweeps.tuning import SweepError, main, worker_env
 
 
@@ -31,10 +33,19 @@ def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -
     config, model, splits, _ = tracking.load_logged_run(run_id, data_dir=data_dir, test_subset=test_subset)
     table = reevaluate(model, splits.test, SolverSettings.of(config), config.batch_size)
     now = int(time.time() * 1000)
-    metrics = [Metric(f"eval_{key}_{row.solver}", float(getattr(row, column)), now, 0)
-               for row in table.itertuples() for key, column in (("acc", "accuracy"), ("fnfe", "fnfe"))]
+    metrics = [Metric(name, value, now, 0) for name, value in reevaluation_metrics(table).items()]
     tracking.client().log_batch(run_id, metrics=metrics)
     return table.assign(run_id=run_id, model=config.model, dataset=config.dataset)
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per solver: the runs it covers, how many failed, and mean accuracy and FNFE with 95% intervals."""
+    rows = []
+    for solver, runs in table.groupby("solver", sort=False):
+        rows.append({"solver": solver, "runs": len(runs), "failed": int(runs["accuracy"].isna().sum()),
+                     "test acc %": mean_interval(runs["accuracy"].tolist()).format(100.0),
+                     "FNFE": mean_interval(runs["fnfe"].tolist()).format()})
+    return pd.DataFrame(rows)
 
 
 def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
@@ -51,11 +62,12 @@ def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
     found = c.get_experiment_by_name(args.experiment)
     if found is None:
         raise SweepError([f"--experiment {args.experiment!r}: no such MLflow experiment at {tracking.tracking_uri()}"])
-    models = ", ".join(f"'{m}'" for m in ODE_MODELS)
-    runs = c.search_runs([found.experiment_id], f"attributes.status = 'FINISHED' and params.model IN ({models})",
-                         max_results=10_000)
+    # MLflow's search cannot filter params with IN: select the ODE models here.
+    runs = [r for r in c.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=10_000)
+            if r.data.params.get("model") in ODE_MODELS and r.data.tags.get("sweep_role") != "parent"]
     if not runs:
-        raise SweepError([f"experiment {args.experiment!r} has no finished ODE runs to re-evaluate"])
+        raise SweepError([f"experiment {args.experiment!r} has no finished ODE runs ({', '.join(ODE_MODELS)}) to "
+                          f"re-evaluate: run a sweep of an ODE model into it first"])
     tracking.pin_embedded_store()
 
     import ray
@@ -64,11 +76,10 @@ def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
     task = ray.remote(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)(reevaluate_run)
     tables = ray.get([task.remote(r.info.run_id, args.data_dir, args.test_subset) for r in runs])
     table = pd.concat(tables, ignore_index=True)
-    summary = table.groupby("solver", sort=False)[["accuracy", "fnfe"]].mean().reset_index()
     print(table[["run_id", "model", "dataset", "solver", "accuracy", "fnfe", "failure_cause"]]
           .to_markdown(index=False, floatfmt=".4g"))
     print()
-    print(summary.to_markdown(index=False, floatfmt=".4g"))
+    print(summary_table(table).to_markdown(index=False))
     return table
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +21,7 @@ from odenet import envvars, tracking
 from odenet.config import ConfigError, RunConfig
 from odenet.failures import Diverged
 from odenet.run import execute
+from odenet.summary import summarize
 
 # The one place the sweep's objective is named: the searcher, the scheduler and the
 # results table all read it from here.
@@ -148,6 +149,17 @@ def check_space(space: dict[str, Dimension], base: RunConfig) -> list[str]:
     return errors
 
 
+def check_cells(cells: list[dict[str, Any]], base: RunConfig) -> list[str]:
+    """Every problem with a designed list of trials: settings the run configuration rejects."""
+    errors = []
+    for cell in cells:
+        try:
+            base.replace(**cell["settings"])
+        except ConfigError as exc:
+            errors.extend(f"{cell['tags'].get('ablated_dimension', 'cell')}: {e}" for e in exc.errors)
+    return list(dict.fromkeys(errors))  # a bad base value shows up in every cell: say it once
+
+
 def build_space(declared: dict[str, Any], args: argparse.Namespace) -> dict[str, Dimension]:
     """The declared space, then a --space-file, then --space flags (each overrides the last)."""
     space = {name: dimension(name, spec) for name, spec in declared.items()}
@@ -176,7 +188,8 @@ def build_space(declared: dict[str, Any], args: argparse.Namespace) -> dict[str,
 # -- one trial ------------------------------------------------------------------------------
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], experiment: str, parent_run_id: str | None) -> None:
+def run_trial(params: dict[str, Any], base: dict[str, Any], experiment: str, parent_run_id: str | None,
+              tags: dict[str, str]) -> None:
     """A Tune trial: one odenet run, resumed from Tune's checkpoint when the trial restarts."""
     import torch
     from ray import tune
@@ -184,12 +197,24 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], experiment: str, par
     context = tune.get_context()
     cpus = context.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))  # trials share nodes: no oversubscription
-    config = RunConfig.from_dict({**base, **params})
+    settings, cell_tags = unpack_cell(params)
+    config = RunConfig.from_dict(base).replace(**settings)
     with tempfile.TemporaryDirectory(prefix="odenet-trial-") as folder:
-        _trial_in(Path(folder), config, experiment, parent_run_id, context)
+        _trial_in(Path(folder), config, experiment, parent_run_id, {**tags, **cell_tags}, context)
 
 
-def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str | None, context) -> None:
+def unpack_cell(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(settings, tags) of a trial's config: a designed cell ({"cell": {"settings", "tags"}},
+    see sweeps/designs.py) is flattened; a searched point has no tags of its own."""
+    params = dict(params)
+    cell = params.pop("cell", None)
+    if cell is None:
+        return params, {}
+    return {**params, **cell["settings"]}, dict(cell["tags"])
+
+
+def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str | None, tags: dict[str, str],
+              context) -> None:
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
@@ -197,7 +222,8 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
         checkpoint.to_directory(str(work))
     tracker = tracking.MlflowTracker(
         experiment, run_name=context.get_trial_name(), parent_run_id=parent_run_id,
-        extra_tags={tracking.IDENTITY_TAG: context.get_trial_id(), "tune_trial_name": context.get_trial_name()},
+        extra_tags={tracking.IDENTITY_TAG: context.get_trial_id(), "tune_trial_name": context.get_trial_name(),
+                    **tags},
     )
     exit_at = int(os.environ.get(FAULT_EXIT_AT_EPOCH, "0"))
 
@@ -219,11 +245,13 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
     tune.report({**last, **outcome.final_metrics(), "trial_status": "FINISHED"})
 
 
-def trainable(base: RunConfig, experiment: str, parent_run_id: str | None, cpus: float, gpus: float):
-    """The Tune trainable: run_trial with the sweep's fixed settings and per-trial resources."""
+def trainable(base: RunConfig, experiment: str, parent_run_id: str | None, cpus: float, gpus: float,
+              tags: dict[str, str]):
+    """The Tune trainable: run_trial with the sweep's fixed settings, tags and per-trial resources."""
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=base.to_dict(), experiment=experiment, parent_run_id=parent_run_id)
+    fn = tune.with_parameters(run_trial, base=base.to_dict(), experiment=experiment, parent_run_id=parent_run_id,
+                              tags=tags)
     return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
 
@@ -257,7 +285,7 @@ def worker_env() -> dict[str, str]:
 # -- MLflow: one parent run per sweep ----------------------------------------------------------------
 
 
-def parent_run(experiment: str, sweep_name: str, params: dict[str, str], restoring: bool) -> str:
+def parent_run(experiment: str, sweep_name: str, params: dict[str, str], restoring: bool, design: str) -> str:
     """The sweep's parent run; a restored sweep continues the parent it had."""
     from mlflow.entities import Param
 
@@ -270,7 +298,8 @@ def parent_run(experiment: str, sweep_name: str, params: dict[str, str], restori
             c.update_run(runs[0].info.run_id, status="RUNNING")
             return runs[0].info.run_id
     run = c.create_run(experiment_id, run_name=sweep_name,
-                       tags={"sweep_name": sweep_name, "sweep_role": "parent", "git_commit": tracking.git_commit()})
+                       tags={"sweep_name": sweep_name, "sweep_role": "parent", "design": design,
+                             "git_commit": tracking.git_commit()})
     c.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
     return run.info.run_id
 
@@ -318,19 +347,17 @@ RESULT_COLUMNS = ("best_val_acc", "test_acc", "test_loss", "mean_fnfe", "mean_bn
 
 
 def results_table(result_grid, dimensions: Sequence[str]) -> "pd.DataFrame":
-    """One row per trial: its settings, best validation accuracy, test accuracy, FNFE, BNFE,
-    mean epoch time, status and cause."""
+    """One row per trial: its settings, validation accuracy of its best epoch, test accuracy,
+    FNFE, BNFE, mean epoch time, status and cause."""
     import pandas as pd
 
     rows = []
     for result in result_grid:
         metrics = result.metrics or {}
         history = result.metrics_dataframe
-        epochs = None
-        if history is not None and "trial_status" in history:
-            epochs = history[history["trial_status"] == "RUNNING"]
+        settings, _ = unpack_cell(result.config or {})
         row: dict[str, Any] = {"trial": metrics.get("trial_id") or Path(result.path or "").name}
-        row.update({d: result.config.get(d) for d in dimensions})
+        row.update({d: settings.get(d) for d in dimensions})
         status = metrics.get("trial_status")
         if result.error is not None:
             row["status"], row["cause"] = "ERROR", f"{type(result.error).__name__}: {str(result.error)[:80]}"
@@ -340,12 +367,9 @@ def results_table(result_grid, dimensions: Sequence[str]) -> "pd.DataFrame":
             row["status"], row["cause"] = "FINISHED", ""
         else:
             row["status"], row["cause"] = "STOPPED", "asha"
-        if epochs is not None and len(epochs):
-            row["best_val_acc"] = epochs[METRIC].max()
-            row["mean_fnfe"] = epochs["fnfe"].mean()
-            row["mean_bnfe"] = epochs["bnfe"].mean()
-            row["mean_epoch_time_s"] = epochs["epoch_time_s"].mean()
-            row["epochs"] = int(epochs["epoch"].max())
+        if history is not None and "trial_status" in history:
+            epochs = history[history["trial_status"] == "RUNNING"]
+            row.update({k: v for k, v in summarize(epochs).items() if k in RESULT_COLUMNS})
         if status == "FINISHED":
             row["test_acc"] = metrics.get("test_acc")
             row["test_loss"] = metrics.get("test_loss")
@@ -358,14 +382,12 @@ def results_table(result_grid, dimensions: Sequence[str]) -> "pd.DataFrame":
     return frame[ordered].sort_values("best_val_acc", ascending=False, na_position="last").reset_index(drop=True)
 
 
-def log_results(parent_run_id: str, table, extra_files: dict[str, str] | None = None) -> None:
+def log_results(parent_run_id: str, table) -> None:
     """The results table as CSV and markdown on the parent run, which then finishes."""
     c = tracking.client()
     with tempfile.TemporaryDirectory() as folder:
         table.to_csv(Path(folder) / "results.csv", index=False)
         (Path(folder) / "results.md").write_text(table.to_markdown(index=False, floatfmt=".4g"))
-        for name, text in (extra_files or {}).items():
-            (Path(folder) / name).write_text(text)
         c.log_artifacts(parent_run_id, folder)
     c.set_terminated(parent_run_id, "FINISHED")
 
@@ -442,16 +464,22 @@ def _file_keys(path: str) -> list[str]:
 
 @dataclass
 class Sweep:
-    """What a program hands to `run`: the space, and how to search it."""
+    """What a program hands to `run`: the space and how to search it, or (a designed
+    comparison) the list of cells to run, each a trial."""
 
     space: dict[str, Dimension]
     make_tuner_parts: Callable[[RunConfig, argparse.Namespace], tuple[Any, Any]]  # (search_alg, scheduler)
+    design: str = "search"
+    cells: list[dict[str, Any]] | None = None  # sweeps/designs.py: {"settings": {...}, "tags": {...}}
+    columns: Sequence[str] = ()  # extra results-table columns (a design's seed, ablated dimension)
+    parent_params: dict[str, str] = field(default_factory=dict)
 
 
 def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     """Validate everything, start (or restore) the sweep, print and log the results table."""
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    errors = check_space(sweep.space, base) + check_resources(args, on_cluster)
+    errors = (check_cells(sweep.cells, base) if sweep.cells is not None else check_space(sweep.space, base))
+    errors += check_resources(args, on_cluster)
     if errors:
         raise SweepError(errors)
     experiment = args.experiment or args.name
@@ -476,18 +504,21 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
 
     path = f"{storage_path}/{args.name}"
     restoring = tune.Tuner.can_restore(path, storage_filesystem=filesystem)
-    params = {"program": program, "search_space": describe_space(sweep.space),
+    params = {"program": program, "design": sweep.design, "search_space": describe_space(sweep.space),
               "base_config": json.dumps(base.to_dict()), "num_samples": str(args.num_samples),
-              "storage_path": args.storage_path}
-    parent = parent_run(experiment, args.name, params, restoring)
-    fn = trainable(base, experiment, parent, args.cpus_per_trial, args.gpus_per_trial)
+              "storage_path": args.storage_path, **sweep.parent_params}
+    parent = parent_run(experiment, args.name, params, restoring, sweep.design)
+    fn = trainable(base, experiment, parent, args.cpus_per_trial, args.gpus_per_trial, {"design": sweep.design})
     if restoring:
         print(f"restoring sweep {args.name!r} from {args.storage_path}", flush=True)
         tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=filesystem)
     else:
         search_alg, scheduler = sweep.make_tuner_parts(base, args)
-        param_space = {name: dim.to_tune() for name, dim in sweep.space.items()}
+        if sweep.cells is not None:
+            param_space = {"cell": tune.grid_search(sweep.cells)}
+        else:
+            param_space = {name: dim.to_tune() for name, dim in sweep.space.items()}
         tuner = tune.Tuner(
             fn,
             param_space=param_space,
@@ -504,7 +535,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
             ),
         )
     grid = tuner.fit()
-    table = results_table(grid, list(sweep.space))
+    table = results_table(grid, [*sweep.space, *sweep.columns])
     print(table.to_markdown(index=False, floatfmt=".4g"))
     log_results(parent, table)
     print(f"results logged to MLflow run {parent} (experiment {experiment!r})")

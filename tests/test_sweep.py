@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -75,15 +76,25 @@ def test_smoke_sweep_logs_every_trial_as_a_child_run(smoke, tracking_stack, trac
     assert "mlflow ui" in smoke.stdout or "open the MLflow UI" in smoke.stdout
 
 
-def test_report_prints_the_six_tables(smoke, tracking_stack, tmp_path):
+def test_report_of_the_smoke_search_shows_where_the_searcher_looked(smoke, tracking_stack, tracking_env, tmp_path):
     result = subprocess.run([sys.executable, "-m", "odenet.cli", "report", "--experiment", "smoke", "--out", "rep"],
                             cwd=tmp_path, env=sweep_env(tracking_stack), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for heading in ("activation before and inside", "stride", "norm type", "final time T_n", "models and data sets",
-                    "evaluation solver"):
-        assert heading in result.stdout
-    assert (tmp_path / "rep" / "table_5.csv").exists()
-    assert list((tmp_path / "rep").glob("fnfe_by_*.png"))
+    assert "## Search" in result.stdout and "describe where the searcher looked" in result.stdout
+    assert "--design one-at-a-time --base-from-experiment smoke" in result.stdout
+    # ASHA stopped most trials after the grace period: every trial compares at epoch 1
+    assert "Common budget: epoch 1" in result.stdout
+    assert "### Importance of each dimension" in result.stdout
+    assert "## Evaluation solver and tolerance" in result.stdout
+    top = pd.read_csv(tmp_path / "rep" / "search_top_trials.csv")
+    assert len(top) >= 5 and "val_acc@1" in top
+    for _, row in top.iterrows():  # the value at epoch 1, not a later, better one
+        first = [m.value for m in MlflowClient().get_metric_history(row["run_id"], "val_acc") if m.step == 1]
+        assert first == [pytest.approx(row["val_acc@1"])]
+    assert (tmp_path / "rep" / "search_partial_dependence.png").stat().st_size > 10_000
+    (parent,), _ = children("smoke")
+    logged = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in logged and "report/search_importance.png" in logged
 
 
 def test_a_dead_trial_resumes_from_its_checkpoint_in_the_same_run(tracking_stack, tracking_env, real_data_dir,
@@ -166,6 +177,11 @@ def test_a_diverged_trial_fails_with_its_cause_and_the_sweep_goes_on(tracking_st
         (["--space", "activation_inside=relu,gelu"], "activation_inside='gelu': expected one of relu, tanh, softplus"),
         (["--gpus-per-trial", "0.5"], "--gpus-per-trial 0.5: this machine has no GPU"),
         (["--grace-period", "0"], "--grace-period 0: expected at least 1"),
+        (["--design", "one-at-a-time", "--seeds", "0"], "--seeds 0: expected at least 1"),
+        (["--design", "one-at-a-time", "--dimensions", "final_time,colour"], "unknown dimension(s) colour"),
+        (["--seeds", "3"], "--seeds: only for --design one-at-a-time"),
+        (["--model", "odenet-complex", "--space", "stride=1,2"], "odenet-complex has no stem, so stride does not apply"),
+        (["--model", "resnet-complex", "--activation-before", "tanh"], "activation_before='tanh': resnet-complex has no stem"),
     ],
 )
 def test_bad_arguments_fail_before_ray_starts(flags, message, tmp_path, real_data_dir):
