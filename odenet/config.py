@@ -277,7 +277,10 @@ def _type_name(f: dataclasses.Field) -> str:
 def _coerce(raw: Any, type_info: tuple[type, bool]) -> Any:
     """Accept what YAML, JSON, argparse and Tune hand us (e.g. '1e-3', numpy scalars)."""
     base, optional = type_info
-    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+    # "none" is a value of some string settings (activation_before): for those only "None"
+    # (what MLflow logs for an unset field), "null" and "" mean unset.
+    unset = ("None", "null", "") if base is str else ("none", "null", "")
+    if raw is None or (optional and isinstance(raw, str) and (raw if base is str else raw.lower()) in unset):
         if optional:
             return None
         raise TypeError("null")

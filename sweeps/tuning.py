@@ -355,9 +355,9 @@ def results_table(result_grid, dimensions: Sequence[str]) -> "pd.DataFrame":
     for result in result_grid:
         metrics = result.metrics or {}
         history = result.metrics_dataframe
-        settings, _ = unpack_cell(result.config or {})
+        settings, tags = unpack_cell(result.config or {})
         row: dict[str, Any] = {"trial": metrics.get("trial_id") or Path(result.path or "").name}
-        row.update({d: settings.get(d) for d in dimensions})
+        row.update({d: settings.get(d, tags.get(d)) for d in dimensions})
         status = metrics.get("trial_status")
         if result.error is not None:
             row["status"], row["cause"] = "ERROR", f"{type(result.error).__name__}: {str(result.error)[:80]}"

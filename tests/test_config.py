@@ -87,3 +87,11 @@ def test_a_missing_config_file_is_named(tmp_path):
 def test_to_dict_round_trips():
     c = RunConfig(model="resnet-small", lr=0.01, subset=100)
     assert RunConfig.from_dict(c.to_dict()) == c
+
+
+def test_none_is_a_value_of_activation_before_and_None_leaves_it_unset():
+    # "none" (no activation) is a choice; "None" is how MLflow logs an unset field
+    assert RunConfig.from_dict({"activation_before": "none"}).activation_before == "none"
+    assert RunConfig().replace(activation_before="none").activation_before == "none"
+    assert RunConfig.from_dict({"activation_before": "None"}).activation_before == "relu"
+    assert RunConfig.from_dict({"model": "odenet-complex", "stride": "None"}).stride is None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from odenet.config import MODELS, RunConfig
+from odenet.config import MODELS, ConfigError, RunConfig
 from odenet.failures import Diverged, solver_failures
 from odenet.models import ODEBlock, ResidualBlock, SolverSettings, build, group_count, parameter_counts
 
@@ -135,3 +135,18 @@ def test_evaluation_can_use_another_solver():
         net(torch.randn(2, 1, 28, 28))
     assert net.fnfe == 4
     assert net.ode_blocks[0].solver.method == "rk4"
+
+
+@pytest.mark.parametrize("model", ["odenet-complex", "resnet-complex"])
+def test_complex_models_honour_augment_dims_and_refuse_stem_settings(model):
+    counts = [parameter_counts(build(RunConfig(model=model, augment_dims=a)))["params_total"] for a in (0, 1, 3)]
+    # each augmented zero channel feeds the first 3x3 convolution of 64 filters
+    assert counts[1] - counts[0] == counts[2] - counts[1] - 64 * 9 == 64 * 9
+    assert RunConfig(model=model).stride is None and RunConfig(model=model).activation_before is None
+    for name, value in (("stride", 1), ("activation_before", "tanh")):
+        with pytest.raises(ConfigError, match=f"{name}=.*{model} has no stem, so {name} does not apply"):
+            RunConfig.from_dict({"model": model, name: value})
+    # moving a simple run's settings to a complex model drops the stem settings it cannot have
+    moved = RunConfig.from_dict({"stride": 1, "activation_before": "tanh"}).replace(model=model)
+    assert (moved.stride, moved.activation_before) == (None, None)
+    assert RunConfig.from_dict({"model": model}).replace(model="odenet-simple").stride == 2

@@ -97,6 +97,37 @@ def test_report_of_the_smoke_search_shows_where_the_searcher_looked(smoke, track
     assert "report/report.md" in logged and "report/search_importance.png" in logged
 
 
+def test_one_at_a_time_smoke_sweep_runs_every_cell_over_its_seeds_and_reports(tracking_stack, tracking_env,
+                                                                                real_data_dir, tmp_path):
+    result = sweep("--smoke", "--design", "one-at-a-time", "--seeds", "2", "--name", "oat", "--max-epochs", "2",
+                   "--no-reevaluate", "--data-dir", str(real_data_dir), cwd=tmp_path, env=sweep_env(tracking_stack))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (parent,), runs = children("oat")
+    assert parent.data.tags["design"] == "one-at-a-time" and parent.data.params["seeds"] == "2"
+    cells = {}
+    for run in runs:
+        tags = run.data.tags
+        assert tags["design"] == "one-at-a-time" and run.info.status == "FINISHED"
+        assert "stopped_by" not in tags  # no scheduler stops a trial of a controlled comparison
+        cells.setdefault((tags["ablated_dimension"], tags["ablated_value"]), []).append(run.data.params["seed"])
+        if tags["ablated_dimension"] == "activation_before":
+            assert run.data.params["activation_before"] == tags["ablated_value"]
+        else:
+            assert run.data.params["activation_before"] == "relu"  # the study's base everywhere else
+    assert set(cells) == {("base", "base"), *(("activation_before", v) for v in ("none", "tanh", "softplus"))}
+    assert all(sorted(seeds) == ["0", "1"] for seeds in cells.values())
+
+    reported = subprocess.run([sys.executable, "-m", "odenet.cli", "report", "--experiment", "oat", "--out", "rep"],
+                              cwd=tmp_path, env=sweep_env(tracking_stack), capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    table = pd.read_csv(tmp_path / "rep" / "one_at_a_time_activation_before.csv")
+    assert list(table["value"]) == ["relu (base)", "none", "tanh", "softplus"]
+    assert list(table["seeds finished"]) == ["2 of 2"] * 4
+    assert table["verdict"].iloc[1:].str.match(r"(higher by|lower by|no difference detectable with 2 seeds)").all()
+    logged = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/one_at_a_time_activation_before.csv"} <= logged
+
+
 def test_a_dead_trial_resumes_from_its_checkpoint_in_the_same_run(tracking_stack, tracking_env, real_data_dir,
                                                                    tmp_path):
     result = sweep("--name", "fault", "--num-samples", "1", "--max-epochs", "3", "--subset", "512",
@@ -191,6 +222,25 @@ def test_bad_arguments_fail_before_ray_starts(flags, message, tmp_path, real_dat
     assert message in result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_a_bad_base_fails_before_ray_starts(tmp_path, real_data_dir):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env.pop("RAY_ADDRESS", None)
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment("empty")
+    (tmp_path / "base.yaml").write_text("final_time: 2\ncolour: red\n")
+    oat = ["--smoke", "--design", "one-at-a-time", "--data-dir", str(real_data_dir)]
+    for flags, message in [
+        (["--base-file", "base.yaml"], "--base-file base.yaml: unknown key(s) colour; expected dimension names from"),
+        (["--base-file", "missing.yaml"], "--base-file missing.yaml: No such file or directory"),
+        (["--base-from-experiment", "nope"], "--base-from-experiment 'nope': no such MLflow experiment"),
+        (["--base-from-experiment", "empty"], "--base-from-experiment 'empty': the experiment has no finished trial"),
+    ]:
+        result = sweep(*oat, *flags, cwd=tmp_path, env=env, timeout=300)
+        assert result.returncode == 2, (flags, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert "Started a local Ray instance" not in result.stdout + result.stderr
+        assert not (tmp_path / "ray_results").exists()
 
 
 def test_ray_job_submit_runs_the_smoke_sweep(tracking_stack, tracking_env, real_data_dir, tmp_path):
