@@ -245,6 +245,10 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
     tune.report({**last, **outcome.final_metrics(), "trial_status": "FINISHED"})
 
 
+def trial_folder(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def trainable(base: RunConfig, experiment: str, parent_run_id: str | None, cpus: float, gpus: float,
               tags: dict[str, str]):
     """The Tune trainable: run_trial with the sweep's fixed settings, tags and per-trial resources."""
@@ -523,7 +527,9 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
             fn,
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
-                                        num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent),
+                                        num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent,
+                                        # short trial folders: the settings are in MLflow, not in the path
+                                        trial_dirname_creator=trial_folder),
             run_config=tune.RunConfig(
                 name=args.name,
                 storage_path=storage_path,
