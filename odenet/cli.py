@@ -48,12 +48,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from odenet import tracking
     from odenet.failures import Diverged
     from odenet.run import execute
+    from odenet.train import CHECKPOINT_FILE
 
     config = config_from_args(args)
     checkpoint_dir = Path(args.checkpoint_dir or Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (checkpoint_dir / "checkpoint.pt").exists() and not args.resume:
+    if (checkpoint_dir / CHECKPOINT_FILE).exists() and not args.resume:
         raise ConfigError([f"--checkpoint-dir {checkpoint_dir} already holds a run: pass --resume to "
                            f"continue it, or choose another folder"])
+    if args.resume and not (checkpoint_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError([f"--resume: nothing to resume, no {CHECKPOINT_FILE} in {checkpoint_dir.resolve()}; "
+                           f"pass the --checkpoint-dir of the run to continue" if args.checkpoint_dir else
+                           f"--resume needs the --checkpoint-dir of the run to continue (runs/MODEL-TIME)"])
     tracker = tracking.MlflowTracker.from_environment(experiment=args.experiment, run_name=args.run_name)
     print(f"run: {config.model} on {config.dataset}, checkpoints in {checkpoint_dir}", flush=True)
     try:

@@ -148,12 +148,7 @@ class RunConfig:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError([f"config file {str(path)!r}: {exc.strerror}"]) from None
-        if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text) or {}
+        values = load_mapping_text(text, path) or {}
         if not isinstance(values, dict):
             raise ConfigError([f"config file {str(path)!r}: expected a mapping of field names to values"])
         return cls.from_dict({**values, **overrides})
@@ -250,6 +245,35 @@ class RunConfig:
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             errors.append(f"device={self.device!r}: expected one of auto, cpu, cuda, cuda:N")
         return errors
+
+
+def read_settings_file(path: str | Path, flag: str) -> Any:
+    """A YAML/JSON file given with `flag` (e.g. --base-file), parsed; a missing file or a
+    syntax error becomes a ConfigError naming the flag, file, line and column."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{flag} {path}: {exc.strerror}"]) from None
+    return load_mapping_text(text, f"{flag} {path}" if flag else path)
+
+
+def load_mapping_text(text: str, path: str | Path) -> Any:
+    """Parse a YAML or JSON file's text (JSON by its .json suffix); a syntax error becomes a
+    ConfigError naming the file, line and column."""
+    if str(path).endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]) from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
 
 
 class ConfigError(ValueError):

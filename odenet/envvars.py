@@ -28,3 +28,9 @@ STORAGE = (
 DATA_DIR = "ODENET_DATA_DIR"
 FASHION_MNIST_IDX = "ODENET_FASHION_MNIST_IDX"
 DATA = (DATA_DIR, FASHION_MNIST_IDX)
+
+# Credentials: never copied into Ray's job metadata (a runtime environment, which anyone who
+# can list jobs on the dashboard reads). Workers get them from their own environment: the
+# pods' Secrets on Kubernetes, the environment `ray start` (or the driver's local Ray) ran in.
+SECRETS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+           "AWS_SESSION_TOKEN")

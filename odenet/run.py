@@ -7,6 +7,7 @@ results end up.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +44,7 @@ class Tracker(Protocol):
     def log_epoch(self, metrics: EpochMetrics) -> None: ...
     def finish(self, outcome: RunOutcome) -> None: ...
     def fail(self, error: Diverged) -> None: ...
+    def error(self, trace: str) -> None: ...
     def abort(self) -> None: ...
 
 
@@ -57,6 +59,9 @@ class NoTracker:
         pass
 
     def fail(self, error):
+        pass
+
+    def error(self, trace):
         pass
 
     def abort(self):
@@ -77,7 +82,8 @@ def execute(
     tracker: Tracker | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> RunOutcome:
-    """Train, evaluate and report one run; a `Diverged` run is reported as failed and re-raised."""
+    """Train, evaluate and report one run; a `Diverged` run, or one that raised, is reported as
+    failed and the exception re-raised."""
     tracker = tracker or NoTracker()
     run_id = tracker.start(config, resumed_run_id(checkpoint_dir))
 
@@ -99,8 +105,13 @@ def execute(
     except Diverged as exc:
         tracker.fail(exc)
         raise
+    except Exception:
+        # A fault of the run (a bug, a lost file, a dead GPU), not a result: FAILED with its
+        # traceback, and raised on, so a Tune trial is retried.
+        tracker.error(traceback.format_exc())
+        raise
     except BaseException:
-        tracker.abort()
+        tracker.abort()  # interrupted (Ctrl-C): KILLED, resumable
         raise
     outcome = RunOutcome(config, fitted, report, reevaluation)
     tracker.finish(outcome)

@@ -286,6 +286,16 @@ class MlflowTracker:
             write_history_artifacts(self._history, Path(folder))
             self._close({}, Path(folder), "FAILED")
 
+    def error(self, trace: str) -> None:
+        """A run that raised: FAILED, with the traceback as a tag and as `error.txt`."""
+        if self.run_id is None:
+            return
+        self._set_tags({"failure_cause": "error", "failure_detail": trace[-4000:]})
+        with tempfile.TemporaryDirectory() as folder:
+            write_history_artifacts(self._history, Path(folder))
+            (Path(folder) / "error.txt").write_text(trace)
+            self._close({}, Path(folder), "FAILED")
+
     def abort(self) -> None:
         """An interrupted run (Ctrl-C, a stopped trial) is KILLED; a resume sets it RUNNING again."""
         if self.run_id is None:

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from pathlib import Path
 
-from odenet.config import STEM_SETTINGS
+from odenet.config import STEM_SETTINGS, read_settings_file
 from sweeps import designs
 from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, choice, loguniform, main, run
 
@@ -88,12 +88,7 @@ def load_points(path: str | None, space) -> list[dict]:
     """A YAML or JSON list of settings; every point must lie inside the space."""
     if path is None:
         return []
-    import yaml
-
-    try:
-        points = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise SweepError([f"--points-file {path}: {exc.strerror}"]) from None
+    points = read_settings_file(path, "--points-file")
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise SweepError([f"--points-file {path}: expected a list of mappings of dimension names to values"])
     errors = [f"--points-file {path}: point {i + 1}: {problem}" for i, p in enumerate(points)

@@ -9,10 +9,10 @@ batch order): `odenet report` compares them pair by pair.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 from odenet import tracking
+from odenet.config import read_settings_file
 from sweeps.tuning import Dimension, SweepError
 
 DESIGN = "one-at-a-time"
@@ -63,14 +63,7 @@ def check_dimensions(space: dict[str, Dimension], requested: str | None) -> list
 
 def base_from_file(path: str, space: dict[str, Dimension]) -> dict[str, Any]:
     """A YAML mapping of dimension names to the base's values."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise SweepError([f"--base-file {path}: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        raise SweepError([f"--base-file {path}: not valid YAML: {exc}"]) from None
+    loaded = read_settings_file(path, "--base-file")
     if not isinstance(loaded, dict):
         raise SweepError([f"--base-file {path}: expected a mapping of dimension names to values"])
     unknown = [k for k in loaded if k not in space]

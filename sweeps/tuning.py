@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from odenet import envvars, tracking
-from odenet.config import ConfigError, RunConfig
+from odenet.config import ConfigError, RunConfig, read_settings_file
 from odenet.failures import Diverged
 from odenet.run import execute
 from odenet.summary import summarize
@@ -112,7 +112,10 @@ def _number(text: str) -> Any:
 def _scalar(text: str) -> Any:
     import yaml
 
-    return yaml.safe_load(text.strip())
+    try:
+        return yaml.safe_load(text.strip())
+    except yaml.YAMLError:
+        return text.strip()  # not a YAML scalar: kept as text, and the config names it if it is wrong
 
 
 def check_space(space: dict[str, Dimension], base: RunConfig) -> list[str]:
@@ -164,12 +167,7 @@ def build_space(declared: dict[str, Any], args: argparse.Namespace) -> dict[str,
     """The declared space, then a --space-file, then --space flags (each overrides the last)."""
     space = {name: dimension(name, spec) for name, spec in declared.items()}
     if args.space_file:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(args.space_file).read_text()) or {}
-        except OSError as exc:
-            raise SweepError([f"--space-file {args.space_file}: {exc.strerror}"]) from None
+        loaded = read_settings_file(args.space_file, "--space-file") or {}
         if not isinstance(loaded, dict):
             raise SweepError([f"--space-file {args.space_file}: expected a mapping of dimension names to values"])
         space.update({name: dimension(name, spec) for name, spec in loaded.items()})
@@ -281,9 +279,10 @@ def storage(path: str):
 
 
 def worker_env() -> dict[str, str]:
-    """The tracking, storage and data variables the driver sees, for every Ray worker."""
+    """The tracking, storage and data settings the driver sees, for every Ray worker: never
+    a credential (envvars.SECRETS), which workers take from their own environment."""
     names = (*envvars.TRACKING, *envvars.STORAGE, *envvars.DATA, "MLFLOW_S3_ENDPOINT_URL", FAULT_EXIT_AT_EPOCH)
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
+    return {name: os.environ[name] for name in names if os.environ.get(name) and name not in envvars.SECRETS}
 
 
 # -- MLflow: one parent run per sweep ----------------------------------------------------------------
@@ -461,9 +460,7 @@ def base_config(args: argparse.Namespace, smoke_defaults: dict[str, Any]) -> Run
 
 
 def _file_keys(path: str) -> list[str]:
-    import yaml
-
-    return list((yaml.safe_load(Path(path).read_text()) or {}).keys())
+    return list((read_settings_file(path, "--config") or {}).keys())
 
 
 @dataclass
