@@ -28,3 +28,7 @@ STORAGE = (
 DATA_DIR = "ODENET_DATA_DIR"
 FASHION_MNIST_IDX = "ODENET_FASHION_MNIST_IDX"
 DATA = (DATA_DIR, FASHION_MNIST_IDX)
+
+# Where a sweep submitted with `ray job submit` keeps what must outlast the job (the
+# embedded MLflow store, the sweep state) on the machine that runs its driver; default ~/odenet.
+HOME = "ODENET_HOME"
