@@ -173,6 +173,8 @@ def test_the_readme_recipe_twice_runs_two_new_sweeps_whose_runs_outlive_the_clus
         assert f"runs in sqlite:///{store}" in output  # said at the start and at the end
         assert f"sweep {name!r} done: runs in sqlite:///{store}" in output
         names.append(name)
+        print("\n".join(line for line in output.splitlines()  # shown with pytest -s
+                        if re.search(r"Job submission server address|new sweep|restoring|done: runs|succeeded", line)))
     assert names[0] != names[1]
 
     # Both sweeps' runs are in the store in ~/odenet, after `ray stop`, and in the UI.
