@@ -99,7 +99,7 @@ def checkout(tmp_path_factory, real_data_dir):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)  # times kept: make sees .venv up to date
     (root / ".venv").symlink_to(REPO / ".venv")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], cwd=root, check=True)
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "clone"], cwd=root, check=True)
