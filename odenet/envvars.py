@@ -34,3 +34,7 @@ DATA = (DATA_DIR, FASHION_MNIST_IDX)
 # pods' Secrets on Kubernetes, the environment `ray start` (or the driver's local Ray) ran in.
 SECRETS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
            "AWS_SESSION_TOKEN")
+
+# Where a sweep submitted with `ray job submit` keeps what must outlast the job (the
+# embedded MLflow store, the sweep state) on the machine that runs its driver; default ~/odenet.
+HOME = "ODENET_HOME"

@@ -22,6 +22,7 @@ from odenet.config import ConfigError, RunConfig, read_settings_file
 from odenet.failures import Diverged
 from odenet.run import execute
 from odenet.summary import summarize
+from sweeps import naming, places
 
 # The one place the sweep's objective is named: the searcher, the scheduler and the
 # results table all read it from here.
@@ -407,10 +408,13 @@ def add_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     from odenet.cli import add_config_options
 
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--name", default=default_name,
-                       help="sweep name; running again with the same name restores an unfinished sweep")
-    sweep.add_argument("--storage-path", default="ray_results",
-                       help="sweep state and trial checkpoints: a folder or s3://bucket/prefix (default: ray_results)")
+    sweep.add_argument("--name", help=f"sweep name (default: a new sweep, {default_name}_DATE_TIME); naming "
+                                      f"an unfinished sweep again restores it")
+    sweep.add_argument("--resume", metavar="NAME", help="restore the unfinished sweep NAME; never starts a new one")
+    parser.set_defaults(default_name=default_name)
+    sweep.add_argument("--storage-path",
+                       help="sweep state and trial checkpoints: a folder or s3://bucket/prefix (default: ray_results "
+                            "in the working directory; under $ODENET_HOME, default ~/odenet, in a Ray job)")
     sweep.add_argument("--experiment", help="MLflow experiment (default: the sweep name)")
     sweep.add_argument("--num-samples", type=int, default=32, help="trials to run (default: 32)")
     sweep.add_argument("--max-concurrent", type=int, default=4, help="trials running at once (default: 4)")
@@ -483,6 +487,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     errors += check_resources(args, on_cluster)
     if errors:
         raise SweepError(errors)
+    args.name = naming.sweep_name(args, args.default_name)
     experiment = args.experiment or args.name
     if not on_cluster and base.data_dir is None:
         base = base.replace(data_dir=str(_default_data_dir()))
@@ -492,9 +497,13 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
         from odenet import data
 
         data.load(base, "cpu")  # a missing data set fails here, not in every trial
+    where = places.settle(args.storage_path)  # in a Ray job: out of Ray's temporary working directory
+    args.storage_path = where.storage_path
     tracking.check_server()
     tracking.pin_embedded_store()
     storage_path, filesystem = storage(args.storage_path)
+    restoring = naming.restoring(args, storage_path, filesystem, experiment)
+    print(naming.announce(args.name, restoring, experiment, where), flush=True)
 
     import ray
     from ray import tune
@@ -504,14 +513,12 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
         print(f"no GPU in the cluster yet: trials wait for the autoscaler to add GPU workers", flush=True)
 
     path = f"{storage_path}/{args.name}"
-    restoring = tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     params = {"program": program, "design": sweep.design, "search_space": describe_space(sweep.space),
               "base_config": json.dumps(base.to_dict()), "num_samples": str(args.num_samples),
               "storage_path": args.storage_path, **sweep.parent_params}
     parent = parent_run(experiment, args.name, params, restoring, sweep.design)
     fn = trainable(base, experiment, parent, args.cpus_per_trial, args.gpus_per_trial, {"design": sweep.design})
     if restoring:
-        print(f"restoring sweep {args.name!r} from {args.storage_path}", flush=True)
         tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=filesystem)
     else:
@@ -543,6 +550,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     log_results(parent, table)
     print(f"results logged to MLflow run {parent} (experiment {experiment!r})")
     tracking.print_ui_hint()
+    print(f"sweep {args.name!r} done: {where.describe(args.name)}")
     return table
 
 
@@ -560,7 +568,8 @@ def main(program: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
 
     try:
         program(argv)
-    except (SweepError, ConfigError, DataError, tracking.TrackingError) as exc:
+    except (SweepError, ConfigError, DataError, tracking.TrackingError, naming.SweepNameError,
+            places.PlaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,16 +1,12 @@
 """The sweep on a real local Ray, logging to the real tracking stack: what a user of
-`python sweeps/architecture_ablation.py` and `ray job submit` sees."""
+`python sweeps/architecture_ablation.py` sees (`ray job submit`: tests/test_ray_job.py)."""
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -241,54 +237,3 @@ def test_a_bad_base_fails_before_ray_starts(tmp_path, real_data_dir):
         assert message in result.stderr and "Traceback" not in result.stderr
         assert "Started a local Ray instance" not in result.stdout + result.stderr
         assert not (tmp_path / "ray_results").exists()
-
-
-def test_ray_job_submit_runs_the_smoke_sweep(tracking_stack, tracking_env, real_data_dir, tmp_path):
-    ray = str(Path(sys.executable).parent / "ray")
-    # token authentication, as on the Kubernetes cluster: the cluster and the client share it
-    env = sweep_env(tracking_stack, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    # as from an activated virtual environment: the job's `python` is the project's
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    port = _free_port()
-    # Ray's socket paths must stay under 108 bytes: pytest's tmp folders are too deep.
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    started = subprocess.run([ray, "start", "--head", "--port", str(_free_port()), "--dashboard-port", str(port),
-                              "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", temp],
-                             env=env, capture_output=True, text=True, timeout=300)
-    assert started.returncode == 0, started.stderr
-    try:
-        _wait_for_http(f"http://127.0.0.1:{port}/api/version", timeout=180)
-        submitted = subprocess.run(
-            [ray, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(REPO), "--",
-             "python", "sweeps/architecture_ablation.py", "--smoke", "--name", "submitted", "--num-samples", "2",
-             "--max-epochs", "1", "--storage-path", str(tmp_path / "results"), "--data-dir", str(real_data_dir)],
-            env=env, capture_output=True, text=True, timeout=900)
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        assert "succeeded" in submitted.stdout
-        (parent,), runs = children("submitted")
-        assert len(runs) == 2 and parent.info.status == "FINISHED"
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_for_http(url, timeout):
-    """Until the server answers at all (the dashboard starts after `ray start` returns)."""
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            requests.get(url, timeout=2)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,0 +1,256 @@
+"""`ray job submit` as a user runs it: the README's local-cluster recipe, word for word,
+in a copy of the checkout that a demo has written into, on a real local Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.stack, pytest.mark.ray]
+
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+RAY = str(REPO / ".venv" / "bin" / "ray")
+RECIPE_HEADING = "### On a local Ray cluster"
+# The README says any sweep flag may follow --smoke, and names these for a quicker check.
+QUICK = "--num-samples 2 --max-epochs 1"
+MARK = "=== recipe:"
+# What a demo, a run and a report write into the checkout: none of it may be uploaded.
+STATE = ("ray_results/", "mlruns.db", "mlartifacts/", "runs/", "report/")
+# Waits for the MLflow UI, then prints the experiments it serves.
+LIST_EXPERIMENTS = """
+import json, time, urllib.request
+for _ in range(240):
+    try:
+        body = urllib.request.urlopen("http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=100",
+                                      timeout=5).read()
+        break
+    except OSError:
+        time.sleep(0.5)
+for experiment in json.loads(body)["experiments"]:
+    print("UI-EXPERIMENT", experiment["name"])
+"""
+
+
+def readme_recipe() -> tuple[list[str], str]:
+    """The recipe's command lines, and the prose around them, as the README has them."""
+    section = (REPO / "README.md").read_text().split(RECIPE_HEADING, 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()], section
+
+
+def isolation() -> list[str]:
+    """A PID and network namespace of the test's own where the machine allows it (root):
+    `ray stop` then stops only this test's Ray, and Ray's default ports are free."""
+    if shutil.which("unshare") and shutil.which("ip"):
+        command = ["unshare", "--pid", "--fork", "--mount-proc", "--net"]
+        if subprocess.run([*command, "true"], capture_output=True).returncode == 0:
+            return command
+    return []
+
+
+def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run shell lines with bash as a user's terminal would, in a namespace of their own if possible."""
+    wrapper = isolation()
+    script = "set -eo pipefail\n" + ("ip link set lo up\n" if wrapper else "") + "\n".join(lines) + "\n"
+    proc = subprocess.Popen([*wrapper, "bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the script left behind, outside a namespace
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def user_env(home: Path, data_dir: Path) -> dict[str, str]:
+    """A fresh user's shell: no virtual environment, no tracking server, no Ray settings;
+    Ray's files in a short folder of their own (socket paths are limited to 108 bytes)."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "ODENET_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, ODENET_DATA_DIR=str(data_dir),
+               PATH=os.pathsep.join(p for p in env.get("PATH", os.defpath).split(os.pathsep)
+                                    if not p.startswith(str(REPO))))
+    return env
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory, real_data_dir):
+    """A copy of the checkout as a clone has it, into which a demo sweep, a run and a report
+    have written; the user's home is a fresh folder, so the demo also leaves Ray's token there."""
+    root = tmp_path_factory.mktemp("clone") / "odenet"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)  # times kept: make sees .venv up to date
+    (root / ".venv").symlink_to(REPO / ".venv")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "clone"], cwd=root, check=True)
+    assert subprocess.run(["make", "-q", ".venv/.installed"], cwd=root).returncode == 0, \
+        "the checkout's .venv is older than pyproject.toml: run `make venv` first"
+
+    home = tmp_path_factory.mktemp("home")
+    env = user_env(home, real_data_dir)
+    demo = run_script([f"{PYTHON} sweeps/architecture_ablation.py --smoke --num-samples 1 --max-epochs 1",
+                       f"{PYTHON} -m odenet.cli train --model resnet-small --width 4 --subset 256 --test-subset 100 "
+                       f"--max-epochs 1 --no-reevaluate",
+                       f"{PYTHON} -m odenet.cli report --experiment odenet --out report"],
+                      root, env, timeout=600)
+    assert demo.returncode == 0, demo.stdout[-4000:]
+    yield root, home, env
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_a_demo_leaves_nothing_in_the_checkout_that_ray_would_upload(checkout):
+    root, _, _ = checkout
+    for state in STATE:
+        assert (root / state.rstrip("/")).exists(), f"the demo wrote no {state}"
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout
+    assert status == "", f"written but not in .gitignore:\n{status}"
+
+    # The package `ray job submit --working-dir .` uploads, made by Ray's own code:
+    # create_package honours .gitignore and .rayignore, plus Ray's default excludes.
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+    from ray._private.runtime_env.packaging import create_package
+
+    package = root.parent / "package.zip"
+    create_package(str(root), package, include_gitignore=True, excludes=get_runtime_env_default_excludes())
+    names = zipfile.ZipFile(package).namelist()
+    assert "sweeps/architecture_ablation.py" in names  # code goes up
+    uploaded_state = [n for n in names if n.startswith(STATE) or n.startswith((".venv", ".git/"))]
+    assert uploaded_state == []
+
+
+def test_the_readme_recipe_twice_runs_two_new_sweeps_whose_runs_outlive_the_cluster(checkout):
+    root, home, env = checkout
+    lines, prose = readme_recipe()
+    assert f"`{QUICK}`" in prose
+    (submit,) = [line for line in lines if line.startswith("ray job submit")]
+    (ui,) = [line for line in lines if line.startswith("mlflow ui")]
+    assert lines.index(ui) > lines.index("ray stop"), "the UI opens the runs after the cluster is gone"
+    script = []
+    for line in lines:
+        if line == submit:
+            for n in (1, 2):
+                script += [f"echo '{MARK} submission {n}'", f"{submit} {QUICK}"]
+        elif line == ui:
+            # The UI blocks: start it, list the experiments it serves, stop it.
+            lister = root.parent / "list_experiments.py"
+            lister.write_text(LIST_EXPERIMENTS)
+            script += [f"echo '{MARK} ui'", f"{ui} &", "ui=$!", f"{PYTHON} {lister}", "kill $ui"]
+        else:
+            script.append(line)
+    result = run_script(script, root, env, timeout=1500)
+    assert result.returncode == 0, result.stdout[-6000:]
+
+    _, first, second, ui_out = result.stdout.split(MARK)
+    names = []
+    for output in (first, second):
+        assert "succeeded" in output, output[-3000:]
+        assert "restoring" not in output
+        (name,) = re.findall(r"new sweep '([^']+)'", output)
+        assert re.fullmatch(r"architecture_ablation_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", name)
+        store = home / "odenet" / "mlruns.db"
+        assert f"runs in sqlite:///{store}" in output  # said at the start and at the end
+        assert f"sweep {name!r} done: runs in sqlite:///{store}" in output
+        names.append(name)
+        print("\n".join(line for line in output.splitlines()  # shown with pytest -s
+                        if re.search(r"Job submission server address|new sweep|restoring|done: runs|succeeded", line)))
+    assert names[0] != names[1]
+
+    # Both sweeps' runs are in the store in ~/odenet, after `ray stop`, and in the UI.
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'odenet' / 'mlruns.db'}")
+    trials = {}
+    for name in names:
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+        children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+        assert parent.info.status == "FINISHED" and len(children) == 2
+        trials[name] = {r.data.tags["run_identity"] for r in children}
+    assert all(f"UI-EXPERIMENT {name}" in ui_out for name in names), ui_out[-3000:]
+    # The second submission printed its own results table, not the first's.
+    rows = [line.split("|")[1].strip() for line in second.splitlines()
+            if line.startswith("| ") and not line.startswith("| trial")]
+    assert set(rows) == trials[names[1]] and not trials[names[0]] & trials[names[1]]
+
+
+def test_the_job_path_names_the_fix_for_bad_input(checkout):
+    """An unreachable --address, a missing token, a --storage-path the head cannot write."""
+    root, _, env = checkout
+    lines, _ = readme_recipe()
+    setup = [line for line in lines if line.startswith(("source ", "ray get-auth-token", "export "))]
+    job = "--working-dir . -- python sweeps/architecture_ablation.py --smoke --num-samples 1"
+    script = [*setup,
+              f"echo '{MARK} address'", f"ray job submit --address http://127.0.0.1:9 {job} || echo rc=$?",
+              "ray start --head",
+              f"echo '{MARK} token'",
+              f"env -u RAY_AUTH_MODE ray job submit --address http://127.0.0.1:8265 {job} || echo rc=$?",
+              f"echo '{MARK} storage'",
+              f"ray job submit --address http://127.0.0.1:8265 {job} --storage-path /etc/hostname/ray || echo rc=$?",
+              "ray stop"]
+    result = run_script(script, root, env, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:]
+    _, address, token, storage = result.stdout.split(MARK)
+    for output in (address, token):
+        assert "rc=2" in output and "Traceback" not in output, output[-3000:]
+    assert "cannot reach a Ray cluster at http://127.0.0.1:9: start one with `ray start --head`" in address
+    assert "or pass the address of a running cluster's dashboard with --address" in address
+    assert "asks for its authentication token and none was sent: `export RAY_AUTH_MODE=token`" in token
+    assert "rc=" in storage and "Traceback" not in storage, storage[-3000:]
+    assert ("error: --storage-path /etc/hostname/ray: the sweep state goes to /etc/hostname/ray, but the Ray head, "
+            "which runs the driver of `ray job submit`") in storage
+    assert "give --storage-path a folder it can write or an s3://bucket/prefix" in storage
+
+
+def test_naming_a_finished_or_unknown_sweep_says_so(checkout):
+    root, _, env = checkout
+    (demo,) = [p.name for p in (root / "ray_results").iterdir()]
+    args = [PYTHON, "sweeps/architecture_ablation.py", "--smoke", "--num-samples", "1", "--max-epochs", "1"]
+    finished = subprocess.run([*args, "--resume", demo], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert finished.returncode == 2 and "Traceback" not in finished.stderr
+    assert f"sweep {demo!r} already finished: nothing to restore. Its results are the MLflow run" in finished.stderr
+    assert f"`odenet report --experiment {demo}`" in finished.stderr
+    unknown = subprocess.run([*args, "--resume", "nope"], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert unknown.returncode == 2
+    assert f"--resume nope: no sweep of that name in {root / 'ray_results'} (sweeps there: {demo})" in unknown.stderr
+
+
+def test_in_a_ray_job_the_embedded_defaults_move_to_odenet_home_and_explicit_places_stay(tmp_path, monkeypatch):
+    from sweeps import places
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(places.RAY_JOB_CONFIG, "{}")
+    monkeypatch.setenv("ODENET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    where = places.settle(None)
+    assert where.tracking_uri == f"sqlite:///{tmp_path / 'home' / 'mlruns.db'}"
+    assert where.storage_path == str(tmp_path / "home" / "ray_results")
+    # on Kubernetes: the head's tracking server and S3 are used as given
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    where = places.settle("s3://odenet/ray-results")
+    assert (where.tracking_uri, where.storage_path) == ("http://mlflow:5000", "s3://odenet/ray-results")
+    # outside a Ray job: the working directory, as before
+    monkeypatch.delenv(places.RAY_JOB_CONFIG)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    where = places.settle(None)
+    assert where.storage_path == str(tmp_path / "ray_results") and where.stable_home is None
