@@ -150,3 +150,32 @@ def test_complex_models_honour_augment_dims_and_refuse_stem_settings(model):
     moved = RunConfig.from_dict({"stride": 1, "activation_before": "tanh"}).replace(model=model)
     assert (moved.stride, moved.activation_before) == (None, None)
     assert RunConfig.from_dict({"model": model}).replace(model="odenet-simple").stride == 2
+
+
+def test_too_many_steps_and_a_non_finite_state_become_diverged_and_other_assertions_stay_bugs():
+    # Real torchdiffeq solves: a release that rewords its messages fails here.
+    class Fast(torch.nn.Module):
+        def forward(self, z):
+            return 50 * torch.sin(20 * z)
+
+    block = ODEBlock(Fast(), final_time=1.0, solver=SolverSettings(rtol=1e-7, atol=1e-7, max_num_steps=3))
+    with pytest.raises(Diverged) as err, solver_failures(epoch=1, batch=2):
+        block(torch.ones(1, 1, 1, 1))
+    assert err.value.cause == "max_num_steps"
+
+    # a state that stopped being finite, with a step size that still is
+    import torchdiffeq
+
+    with pytest.raises(Diverged) as err, solver_failures(epoch=1, batch=2):
+        torchdiffeq.odeint(lambda t, z: z, torch.full((1,), float("nan")), torch.tensor([0.0, 1.0]),
+                           method="dopri5", options={"first_step": 0.1})
+    assert err.value.cause == "non_finite_state"
+
+    class Buggy(torch.nn.Module):
+        def forward(self, z):
+            assert z.shape[1] == 3, "expected 3 channels"
+            return z
+
+    with pytest.raises(AssertionError, match="expected 3 channels") as err, solver_failures(epoch=1, batch=2):
+        ODEBlock(Buggy(), final_time=1.0, solver=SolverSettings())(torch.ones(1, 1, 1, 1))
+    assert not isinstance(err.value, Diverged)

@@ -177,3 +177,20 @@ def test_the_embedded_store_needs_no_setup(tmp_path, real_data_dir, monkeypatch)
     assert run.info.status == "FINISHED"
     assert (tmp_path / "mlartifacts").is_dir()
     assert "checkpoints/model_best.pt" in artifact_paths(c, run.info.run_id)
+
+
+def test_a_run_that_raises_is_failed_with_its_traceback_not_diverged(tracking_env, real_data_dir, tmp_path):
+    config = RunConfig.from_dict(dict(dataset="fashion-mnist", data_dir=str(real_data_dir), model="resnet-small",
+                                      width=4, subset=256, test_subset=100, max_epochs=2, device="cpu"))
+    tracker = tracking.MlflowTracker("raises")
+
+    def bug(metrics, _path):
+        assert metrics.epoch > 1, "a bug in the epoch callback"
+
+    with pytest.raises(AssertionError, match="a bug in the epoch callback"):
+        execute(config, tracker=tracker, on_epoch=bug)
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_cause"] == "error" and "a bug in the epoch callback" in run.data.tags["failure_detail"]
+    trace = MlflowClient().download_artifacts(tracker.run_id, "error.txt", str(tmp_path))
+    assert "Traceback" in open(trace).read()
