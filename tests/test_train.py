@@ -39,19 +39,30 @@ def test_early_stopping_fires_and_the_best_weights_come_back(tiny):
     assert val_acc == pytest.approx(best.val_acc)
 
 
-def test_a_resumed_run_continues_exactly(tiny, tmp_path):
-    config = tiny(model="odenet-simple", subset=128, max_epochs=3, optimizer="sgd", lr=0.05)
+def test_a_resumed_run_continues_exactly(tiny, tmp_path, monkeypatch):
+    # The Jacobian regulariser's Hutchinson estimate draws from torch's global generator in
+    # every batch: a resume that did not restore it would train on other noise.
+    config = tiny(model="odenet-simple", subset=128, max_epochs=3, optimizer="sgd", lr=0.05, jacobian_norm=0.5)
     whole = fit(config, checkpoint_dir=tmp_path / "whole")
 
-    fit(config.replace(max_epochs=2), checkpoint_dir=tmp_path / "split")
-    resumed_epochs = []
-    resumed = fit(config, checkpoint_dir=tmp_path / "split", on_epoch=lambda m, _: resumed_epochs.append(m.epoch))
+    def resumed_from_epoch_2(folder):
+        fit(config.replace(max_epochs=2), checkpoint_dir=folder)
+        epochs = []
+        result = fit(config, checkpoint_dir=folder, on_epoch=lambda m, _: epochs.append(m.epoch))
+        assert epochs == [3]
+        return result
 
-    assert resumed_epochs == [3]
+    resumed = resumed_from_epoch_2(tmp_path / "split")
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     strip = lambda m: {k: v for k, v in m.as_dict().items() if k != "epoch_time_s"}  # noqa: E731
     assert [strip(m) for m in whole.history] == [strip(m) for m in resumed.history]
+
+    # the same resume without restoring the generators does not continue exactly
+    monkeypatch.setattr("odenet.train._set_rng_state", lambda state: None)
+    unrestored = resumed_from_epoch_2(tmp_path / "unrestored")
+    assert not all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
+                                                      unrestored.model.state_dict().values()))
 
 
 def test_checkpoints_keep_what_resuming_needs(tiny, tmp_path):
