@@ -244,6 +244,27 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
     tune.report({**last, **outcome.final_metrics(), "trial_status": "FINISHED"})
 
 
+# Short column names for the live progress table, so it fits a terminal.
+SHORT_NAMES = {"activation_before": "act_before", "activation_inside": "act_inside", "stride": "stride",
+               "final_time": "T_n", "norm": "norm", "augment_dims": "A", "lr": "lr", "weight_decay": "wd",
+               "optimizer": "opt", "model": "model", "dataset": "data", "seed": "seed"}
+PROGRESS_METRICS = {"epoch": "epoch", METRIC: METRIC, "fnfe": "fnfe", "bnfe": "bnfe", "trial_status": "state"}
+
+
+def progress(sweep):
+    """The live table: the settings that differ between trials, the epoch, val_acc, FNFE/BNFE, status."""
+    from ray.tune import CLIReporter
+
+    if sweep.cells is not None:
+        columns = {"cell/tags/ablated_dimension": "ablated", "cell/tags/ablated_value": "value",
+                   "cell/settings/seed": "seed"}
+    else:
+        columns = {name: SHORT_NAMES.get(name, name) for name, dim in sweep.space.items()
+                   if len(dim.values) > 1 or dim.kind not in ("choice", "grid")}
+    return CLIReporter(parameter_columns=columns, metric_columns=PROGRESS_METRICS, max_column_length=10,
+                       max_report_frequency=30, sort_by_metric=False)
+
+
 def trial_folder(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -505,6 +526,9 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     restoring = naming.restoring(args, storage_path, filesystem, experiment)
     print(naming.announce(args.name, restoring, experiment, where), flush=True)
 
+    # Tune's classic progress table, whose columns we choose (the newer output prints every
+    # trial's whole config): see progress().
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
 
@@ -532,8 +556,9 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent,
-                                        # short trial folders: the settings are in MLflow, not in the path
-                                        trial_dirname_creator=trial_folder),
+                                        # short trial names and folders: the settings are in the table and
+                                        # in MLflow, not in the name
+                                        trial_name_creator=trial_folder, trial_dirname_creator=trial_folder),
             run_config=tune.RunConfig(
                 name=args.name,
                 storage_path=storage_path,
@@ -541,6 +566,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[trial_callback()(experiment)],
+                progress_reporter=progress(sweep),
                 verbose=1,
             ),
         )
