@@ -15,6 +15,18 @@ pytest_plugins = ["tests.stack"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+def table_rows(stdout):
+    """The rows of the results table printed at the end (not those of Tune's live progress table)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("| trial "))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows
+
+
 @pytest.fixture(scope="session")
 def real_data_dir(tmp_path_factory) -> Path:
     """A data folder holding the real FashionMNIST, imported from the Debian package's IDX files."""

@@ -13,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import table_rows
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
@@ -187,8 +189,7 @@ def test_the_readme_recipe_twice_runs_two_new_sweeps_whose_runs_outlive_the_clus
         trials[name] = {r.data.tags["run_identity"] for r in children}
     assert all(f"UI-EXPERIMENT {name}" in ui_out for name in names), ui_out[-3000:]
     # The second submission printed its own results table, not the first's.
-    rows = [line.split("|")[1].strip() for line in second.splitlines()
-            if line.startswith("| ") and not line.startswith("| trial")]
+    rows = [line.split("|")[1].strip() for line in table_rows(second)]
     assert set(rows) == trials[names[1]] and not trials[names[0]] & trials[names[1]]
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, table_rows
 
 pytestmark = [pytest.mark.stack, pytest.mark.ray]
 
@@ -39,10 +39,6 @@ def children(experiment):
     runs = c.search_runs([c.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
     return parents, [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
-
-
-def table_rows(stdout):
-    return [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
 
 
 @pytest.fixture(scope="module")
