@@ -13,11 +13,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import table_rows
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, table_rows
 
 pytestmark = [pytest.mark.stack, pytest.mark.ray]
 
