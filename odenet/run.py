@@ -40,7 +40,7 @@ class RunOutcome:
 class Tracker(Protocol):
     """Where a run's results go. `start` returns the tracking run id, kept in checkpoints."""
 
-    def start(self, config: RunConfig, resume_run_id: str | None) -> str | None: ...
+    def start(self, config: RunConfig, resume_run_id: str | None, history: list[dict] = ()) -> str | None: ...
     def log_epoch(self, metrics: EpochMetrics) -> None: ...
     def finish(self, outcome: RunOutcome) -> None: ...
     def fail(self, error: Diverged) -> None: ...
@@ -49,7 +49,7 @@ class Tracker(Protocol):
 
 
 class NoTracker:
-    def start(self, config, resume_run_id):
+    def start(self, config, resume_run_id, history=()):
         return resume_run_id
 
     def log_epoch(self, metrics):
@@ -68,11 +68,12 @@ class NoTracker:
         pass
 
 
-def resumed_run_id(checkpoint_dir: str | Path | None) -> str | None:
-    """The tracking run id stored in an existing checkpoint, if any."""
+def resumed(checkpoint_dir: str | Path | None) -> tuple[str | None, list[dict]]:
+    """The tracking run id and the epochs already trained, from an existing checkpoint."""
     if checkpoint_dir is None or not (Path(checkpoint_dir) / CHECKPOINT_FILE).exists():
-        return None
-    return load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE).get("extra", {}).get("tracking_run_id")
+        return None, []
+    saved = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+    return saved.get("extra", {}).get("tracking_run_id"), list(saved.get("history", []))
 
 
 def execute(
@@ -85,7 +86,7 @@ def execute(
     """Train, evaluate and report one run; a `Diverged` run, or one that raised, is reported as
     failed and the exception re-raised."""
     tracker = tracker or NoTracker()
-    run_id = tracker.start(config, resumed_run_id(checkpoint_dir))
+    run_id = tracker.start(config, *resumed(checkpoint_dir))
 
     def epoch_done(metrics: EpochMetrics, checkpoint: Path | None) -> None:
         tracker.log_epoch(metrics)

@@ -231,6 +231,7 @@ class MlflowTracker:
         self.run_id: str | None = None
         self._writer: MetricWriter | None = None
         self._history: list[dict] = []
+        self._logged_epochs: set[int] = set()
 
     @classmethod
     def from_environment(cls, **kwargs) -> "MlflowTracker":
@@ -240,7 +241,10 @@ class MlflowTracker:
 
     # -- the Tracker protocol ------------------------------------------------------------
 
-    def start(self, config: RunConfig, resume_run_id: str | None) -> str:
+    def start(self, config: RunConfig, resume_run_id: str | None, history: list[dict] = ()) -> str:
+        """Create the run, or reopen it on resume. A resumed run's checkpointed epochs that never
+        reached the server are sent now, and epochs the server already has are not sent again
+        when a restarted trial trains them anew: each epoch is logged once."""
         from mlflow.entities import Param, RunStatus
 
         c = client()
@@ -250,6 +254,8 @@ class MlflowTracker:
             self.run_id = resume_run_id
             _retrying(lambda: c.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING)),
                       "reopening the run", budget)
+            self._logged_epochs = _retrying(
+                lambda: {m.step for m in c.get_metric_history(resume_run_id, "val_acc")}, "reading the run", budget)
         else:
             tags = {**run_tags(config), **self.extra_tags}
             if self.parent_run_id:
@@ -261,15 +267,22 @@ class MlflowTracker:
             params = [Param(k, _param_value(v)) for k, v in config.to_dict().items()]
             _retrying(lambda: c.log_batch(self.run_id, params=params), "logging params", budget)
         self._writer = MetricWriter(lambda metrics: client().log_batch(self.run_id, metrics=metrics))
+        for values in history:
+            self._log(dict(values))
         return self.run_id
 
     def log_epoch(self, metrics) -> None:
+        self._log(metrics.as_dict())
+
+    def _log(self, values: dict) -> None:
         from mlflow.entities import Metric
 
-        values = metrics.as_dict()
         self._history.append(dict(values))  # a copy: the epoch leaves `values` below
-        now = int(time.time() * 1000)
         step = values.pop("epoch")
+        if step in self._logged_epochs:
+            return
+        self._logged_epochs.add(step)
+        now = int(time.time() * 1000)
         self._writer.put([Metric(k, float(v), now, step) for k, v in values.items()])
 
     def finish(self, outcome) -> None:

@@ -27,8 +27,6 @@ from sweeps import naming, places
 # The one place the sweep's objective is named: the searcher, the scheduler and the
 # results table all read it from here.
 METRIC, MODE = "val_acc", "max"
-# Test-only: a trial process exits once, right after reporting this epoch (fault tolerance tests).
-FAULT_EXIT_AT_EPOCH = "ODENET_FAULT_EXIT_AT_EPOCH"
 # Fields that describe where a run happens rather than what it is: never searched.
 NOT_SEARCHABLE = ("data_dir", "device")
 SAMPLERS = ("loguniform", "uniform")
@@ -224,13 +222,10 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
         extra_tags={tracking.IDENTITY_TAG: context.get_trial_id(), "tune_trial_name": context.get_trial_name(),
                     **tags},
     )
-    exit_at = int(os.environ.get(FAULT_EXIT_AT_EPOCH, "0"))
 
     def on_epoch(metrics, _path) -> None:
         tune.report({**metrics.as_dict(), "trial_status": "RUNNING"},
                     checkpoint=tune.Checkpoint.from_directory(str(work)))
-        if metrics.epoch == exit_at:
-            os._exit(1)  # simulate a dead worker, after the epoch's checkpoint is safe
 
     try:
         outcome = execute(config, checkpoint_dir=work, tracker=tracker, on_epoch=on_epoch)
@@ -303,7 +298,7 @@ def storage(path: str):
 def worker_env() -> dict[str, str]:
     """The tracking, storage and data settings the driver sees, for every Ray worker: never
     a credential (envvars.SECRETS), which workers take from their own environment."""
-    names = (*envvars.TRACKING, *envvars.STORAGE, *envvars.DATA, "MLFLOW_S3_ENDPOINT_URL", FAULT_EXIT_AT_EPOCH)
+    names = (*envvars.TRACKING, *envvars.STORAGE, *envvars.DATA, "MLFLOW_S3_ENDPOINT_URL")
     return {name: os.environ[name] for name in names if os.environ.get(name) and name not in envvars.SECRETS}
 
 

@@ -120,21 +120,57 @@ def test_one_at_a_time_smoke_sweep_runs_every_cell_over_its_seeds_and_reports(tr
     assert {"report/report.md", "report/one_at_a_time_activation_before.csv"} <= logged
 
 
-def test_a_dead_trial_resumes_from_its_checkpoint_in_the_same_run(tracking_stack, tracking_env, real_data_dir,
-                                                                   tmp_path):
-    result = sweep("--name", "fault", "--num-samples", "1", "--max-epochs", "3", "--subset", "512",
-                   "--test-subset", "100", "--width", "4", "--model", "resnet-small", "--data-dir", str(real_data_dir),
-                   *CHEAP, cwd=tmp_path, env=sweep_env(tracking_stack, ODENET_FAULT_EXIT_AT_EPOCH="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _, runs = children("fault")
-    assert len(runs) == 1
+def _trial_processes(driver_pid):
+    """The Ray worker processes running a trial, among the driver's descendants."""
+    import psutil
+
+    found = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "run_trial" in " ".join(process.cmdline()) or "ImplicitFunc" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint_in_the_same_run(tracking_stack, tracking_env,
+                                                                                     real_data_dir, tmp_path):
+    flags = ["--num-samples", "1", "--max-epochs", "6", "--patience", "6", "--subset", "1024", "--test-subset",
+             "100", "--width", "4", "--model", "resnet-small", "--data-dir", str(real_data_dir), *CHEAP]
+    straight = sweep("--name", "straight", *flags, cwd=tmp_path, env=sweep_env(tracking_stack))
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    killed = subprocess.Popen([sys.executable, ABLATION, "--name", "killed", *flags], cwd=tmp_path,
+                              env=sweep_env(tracking_stack), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    kills, deadline = 0, time.time() + 600
+    while kills == 0 and time.time() < deadline and killed.poll() is None:
+        found = MlflowClient().get_experiment_by_name("killed")
+        runs = [r for r in MlflowClient().search_runs([found.experiment_id])
+                if r.data.tags.get("sweep_role") != "parent"] if found else []
+        if runs and len(MlflowClient().get_metric_history(runs[0].info.run_id, "val_acc")) >= 2:
+            for process in _trial_processes(killed.pid):  # from outside, as a node or OOM kill would
+                os.kill(process.pid, signal.SIGKILL)
+                kills += 1
+        time.sleep(0.2)
+    out, _ = killed.communicate(timeout=900)
+    assert kills >= 1, "found no trial process to kill"
+    assert killed.returncode == 0, out[-3000:]
+
+    _, runs = children("killed")
+    assert len(runs) == 1, "a restarted trial continues its own MLflow run"
     (run,) = runs
     assert run.info.status == "FINISHED"
-    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
-    (row,) = table_rows(result.stdout)
-    assert "FINISHED" in row
-    # the trial really died once: Tune kept the error beside the trial it restored
-    assert list(tmp_path.glob("ray_results/fault/*/error.txt"))
+    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")]
+    assert steps == [1, 2, 3, 4, 5, 6], "every epoch logged once: none lost, none twice"
+    assert list(tmp_path.glob("ray_results/killed/*/error.txt")), "Tune recorded the dead worker"
+    # the same seed trained without the kill: the same numbers, epoch by epoch, and the same test result
+    (reference,) = children("straight")[1]
+    for key in ("val_loss", "train_loss"):
+        assert ([m.value for m in MlflowClient().get_metric_history(run.info.run_id, key)]
+                == [m.value for m in MlflowClient().get_metric_history(reference.info.run_id, key)])
+    assert run.data.metrics["test_acc"] == reference.data.metrics["test_acc"]
 
 
 def test_a_killed_driver_restores_the_sweep_and_no_trial_runs_twice(tracking_stack, tracking_env, real_data_dir,
