@@ -1269,3 +1269,20 @@ def test_default_storage_class_on_aws_keeps_volumes():
     )
     for claim in objects("PersistentVolumeClaim", folder=DATA):
         assert "storageClassName" not in claim["spec"], claim["metadata"]["name"]
+
+
+# --- The instructions name files that exist --------------------------------------------
+
+
+def test_instructions_name_only_manifests_that_exist():
+    # The commands of the READMEs, the manifests' comments and terraform's name files
+    # of k8s/ by path; a move (MinIO's files, the RayJob) must not leave one stale.
+    texts = [REPO / "README.md", K8S / "README.md", REPO / "infra" / "README.md", DOCKERFILE, SECRETS_SCRIPT]
+    texts += [*manifest_files(), *sorted(TERRAFORM.glob("*.tf"))]
+    stale = {
+        f"{path.relative_to(REPO)}: {name}"
+        for path in texts
+        for name in re.findall(r"\bk8s/[\w./-]*\.(?:ya?ml|sh)\b", path.read_text())
+        if not (REPO / name).is_file()
+    }
+    assert not stale, sorted(stale)

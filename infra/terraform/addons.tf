@@ -14,7 +14,7 @@ resource "aws_eks_addon" "vpc_cni" {
   })
 }
 
-# PersistentVolumes on EBS for PostgreSQL (k8s/data/10-volumes.yaml). The add-on's
+# PersistentVolumes on EBS for PostgreSQL (k8s/data/10-postgres-volume.yaml). The add-on's
 # own default StorageClass deletes a volume with its claim; the one below is the
 # cluster's default instead.
 resource "aws_eks_addon" "ebs_csi" {
