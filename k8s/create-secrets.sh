@@ -1,17 +1,19 @@
 #!/bin/sh
 # Creates the Secrets that the manifests in k8s/ reference by name, with random
-# values; no credential is ever written into a manifest. Run it once, before
-# `kubectl apply -f k8s/`:
+# values; no credential is ever written into a manifest. Run it once, after
+# `kubectl apply -f k8s/data/` and before `kubectl apply -f k8s/`:
 #
 #   sh k8s/create-secrets.sh
 #
-# On AWS with the bucket from infra/terraform, skip MinIO's two Secrets:
+# On AWS with the bucket from infra/terraform, skip SeaweedFS's two Secrets:
 #
 #   ODENET_OBJECT_STORE=aws sh k8s/create-secrets.sh
 #
-# A Secret that exists already is left alone: PostgreSQL and MinIO keep the
-# password they were initialised with, so a new value would lock MLflow out. To
-# rotate one, delete it, run this again and restart (or rerun) what reads it.
+# A Secret that exists already is left alone: PostgreSQL keeps the password it was
+# initialised with, so a new value would lock MLflow out. The Secrets live in the
+# namespace of k8s/data/ and so outlive `kubectl delete -f k8s/`, as the data they
+# open does. To rotate one, delete it, run this again and restart (or rerun) what
+# reads it (PostgreSQL's password also needs an ALTER ROLE).
 #
 # Read a value back with e.g.
 #   kubectl -n odenet get secret mlflow-admin \
@@ -24,7 +26,7 @@ set -eu
 
 namespace=odenet
 here=$(dirname "$0")
-kubectl apply -f "$here/00-namespace.yaml"
+kubectl apply -f "$here/data/00-namespace.yaml"
 
 # Hex only: the values end up in URLs and in an ini file, where other characters
 # would need escaping.
@@ -48,19 +50,27 @@ missing mlflow-ray-user && kubectl -n "$namespace" create secret generic mlflow-
   --from-literal=MLFLOW_TRACKING_USERNAME=ray \
   --from-literal=MLFLOW_TRACKING_PASSWORD="$(random)"
 
-if [ "${ODENET_OBJECT_STORE:-minio}" = minio ]; then
-  # MinIO's root account, used only to create the bucket and its user
-  # (30-minio.yaml, 31-minio-setup-job.yaml).
-  missing minio-root && kubectl -n "$namespace" create secret generic minio-root \
-    --from-literal=MINIO_ROOT_USER=root \
-    --from-literal=MINIO_ROOT_PASSWORD="$(random)"
-
-  # The keys of a MinIO user that can reach the bucket `odenet` and nothing else;
-  # the Ray pods and MLflow sign their S3 requests with them. On AWS the pods get
-  # the bucket through IAM roles for service accounts instead.
-  missing s3-credentials && kubectl -n "$namespace" create secret generic s3-credentials \
-    --from-literal=AWS_ACCESS_KEY_ID="odenet$(random 5)" \
+case "${ODENET_OBJECT_STORE:-seaweedfs}" in
+seaweedfs)
+  # SeaweedFS's admin, used only to create the bucket (30-seaweedfs.yaml,
+  # 31-seaweedfs-setup-job.yaml).
+  missing seaweedfs-admin && kubectl -n "$namespace" create secret generic seaweedfs-admin \
+    --from-literal=AWS_ACCESS_KEY_ID="admin$(random 8)" \
     --from-literal=AWS_SECRET_ACCESS_KEY="$(random 32)"
-fi
+
+  # The keys of a SeaweedFS user that can reach the bucket `odenet` and nothing
+  # else; the Ray pods, MLflow and the PostgreSQL backups sign their S3 requests
+  # with them. On AWS the pods get the bucket through IAM roles for service
+  # accounts instead.
+  missing s3-credentials && kubectl -n "$namespace" create secret generic s3-credentials \
+    --from-literal=AWS_ACCESS_KEY_ID="odenet$(random 8)" \
+    --from-literal=AWS_SECRET_ACCESS_KEY="$(random 32)"
+  ;;
+aws) ;;
+*)
+  echo "ODENET_OBJECT_STORE must be seaweedfs (the default) or aws" >&2
+  exit 2
+  ;;
+esac
 
 kubectl -n "$namespace" get secrets

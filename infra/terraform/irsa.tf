@@ -19,15 +19,19 @@ locals {
       "system:serviceaccount:${var.kubernetes_namespace}:ray-worker",
     ]
     # The tracking server's artifact proxy.
-    mlflow             = ["system:serviceaccount:${var.kubernetes_namespace}:mlflow"]
+    mlflow = ["system:serviceaccount:${var.kubernetes_namespace}:mlflow"]
+    # PostgreSQL's nightly dumps (k8s/21-postgres-backup.yaml) and their restore
+    # (k8s/restore/).
+    postgres-backup    = ["system:serviceaccount:${var.kubernetes_namespace}:postgres-backup"]
     cluster-autoscaler = ["system:serviceaccount:kube-system:cluster-autoscaler"]
     ebs-csi            = ["system:serviceaccount:kube-system:ebs-csi-controller-sa"]
   }
 
   # The bucket prefix each workload owns.
   bucket_prefixes = {
-    ray    = "ray-results"
-    mlflow = "mlflow-artifacts"
+    ray             = "ray-results"
+    mlflow          = "mlflow-artifacts"
+    postgres-backup = "postgres-backups"
   }
 }
 
@@ -60,7 +64,8 @@ resource "aws_iam_role" "irsa" {
   assume_role_policy = data.aws_iam_policy_document.irsa_assume[each.key].json
 }
 
-# Ray and MLflow: this bucket only, and within it their own prefix for objects.
+# Ray, MLflow and the backups: this bucket only, and within it their own prefix for
+# objects.
 data "aws_iam_policy_document" "bucket_access" {
   for_each = local.bucket_prefixes
 

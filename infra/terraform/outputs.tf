@@ -16,7 +16,7 @@ output "configure_kubectl" {
 }
 
 output "artifact_bucket" {
-  description = "The bucket for s3://BUCKET/mlflow-artifacts (k8s/40-mlflow.yaml) and s3://BUCKET/ray-results (k8s/60-rayjob.yaml)."
+  description = "The bucket for s3://BUCKET/mlflow-artifacts (k8s/40-mlflow.yaml), s3://BUCKET/ray-results (k8s/jobs/) and s3://BUCKET/postgres-backups (k8s/21-postgres-backup.yaml)."
   value       = aws_s3_bucket.artifacts.bucket
 }
 
@@ -28,6 +28,11 @@ output "ray_role_arn" {
 output "mlflow_role_arn" {
   description = "Annotate the ServiceAccount mlflow with eks.amazonaws.com/role-arn=<this>."
   value       = aws_iam_role.irsa["mlflow"].arn
+}
+
+output "postgres_backup_role_arn" {
+  description = "Annotate the ServiceAccount postgres-backup with eks.amazonaws.com/role-arn=<this>."
+  value       = aws_iam_role.irsa["postgres-backup"].arn
 }
 
 output "image_repository" {

@@ -76,6 +76,12 @@ variable "gpu_instance_types" {
   default     = ["g5.xlarge", "g6.xlarge"]
 }
 
+variable "gpu_accelerator" {
+  description = "Value of the GPU nodes' label k8s.amazonaws.com/accelerator (the cluster autoscaler only needs the label to be there; the value names the GPU type for its --gpu-total limits). The default instance types mix A10G and L4 GPUs; name the one GPU if you use one type, e.g. nvidia-a10g."
+  type        = string
+  default     = "nvidia"
+}
+
 variable "gpu_node_max" {
   description = "Most GPU nodes at once. The group starts at zero and the cluster autoscaler follows the Ray autoscaler's worker pods."
   type        = number
