@@ -15,7 +15,7 @@ TRACKING = (
 TRACKING_RETRY_S = "ODENET_TRACKING_RETRY_S"
 
 # S3 for Ray Tune's storage path (sweep state, trial checkpoints). The endpoint is
-# only set for S3-compatible stores (MinIO, SeaweedFS); on AWS it stays unset and the
+# only set for S3-compatible stores (SeaweedFS); on AWS it stays unset and the
 # credentials come from the pod's IAM role instead of keys.
 STORAGE = (
     "AWS_ENDPOINT_URL",
