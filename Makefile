@@ -7,6 +7,8 @@ CHECKOV_VENV ?= .venv-checkov
 # Real FashionMNIST for offline machines and Chromium for the UI tests, from Debian/Ubuntu.
 SYSTEM_PACKAGES := dataset-fashion-mnist chromium
 PYTEST_ARGS ?=
+# Extra sweep flags for `make demo`, e.g. DEMO_ARGS="--num-samples 2 --max-epochs 1" for a quicker check.
+DEMO_ARGS ?=
 
 .PHONY: demo test venv system-packages checkov clean bench
 
@@ -40,7 +42,7 @@ system-packages:
 	fi
 
 demo: venv system-packages
-	$(PY) sweeps/architecture_ablation.py --smoke
+	$(PY) sweeps/architecture_ablation.py --smoke $(DEMO_ARGS)
 
 # The CPU section of BENCHMARKS.md (about 20 minutes on 2 cores; keep the machine otherwise idle).
 bench: venv system-packages

@@ -3,19 +3,17 @@ in a copy of the checkout that a demo has written into, on a real local Ray."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
-import tempfile
 import zipfile
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests import readme
 from tests.conftest import REPO, table_rows
+from tests.readme import copy_checkout, run_script, user_env
 
 pytestmark = [pytest.mark.stack, pytest.mark.ray]
 
@@ -45,66 +43,15 @@ for experiment in json.loads(body)["experiments"]:
 def readme_recipe() -> tuple[list[str], str]:
     """The recipe's command lines, and the prose around them, as the README has them."""
     section = (REPO / "README.md").read_text().split(RECIPE_HEADING, 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [line for line in block.splitlines() if line.strip()], section
-
-
-def isolation() -> list[str]:
-    """A PID and network namespace of the test's own where the machine allows it (root):
-    `ray stop` then stops only this test's Ray, and Ray's default ports are free."""
-    if shutil.which("unshare") and shutil.which("ip"):
-        command = ["unshare", "--pid", "--fork", "--mount-proc", "--net"]
-        if subprocess.run([*command, "true"], capture_output=True).returncode == 0:
-            return command
-    return []
-
-
-def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """Run shell lines with bash as a user's terminal would, in a namespace of their own if possible."""
-    wrapper = isolation()
-    script = "set -eo pipefail\n" + ("ip link set lo up\n" if wrapper else "") + "\n".join(lines) + "\n"
-    proc = subprocess.Popen([*wrapper, "bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the script left behind, outside a namespace
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-
-
-def user_env(home: Path, data_dir: Path) -> dict[str, str]:
-    """A fresh user's shell: no virtual environment, no tracking server, no Ray settings;
-    Ray's files in a short folder of their own (socket paths are limited to 108 bytes)."""
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "ODENET_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, ODENET_DATA_DIR=str(data_dir),
-               PATH=os.pathsep.join(p for p in env.get("PATH", os.defpath).split(os.pathsep)
-                                    if not p.startswith(str(REPO))))
-    return env
+    (lines,) = [lines for heading, lines in readme.blocks() if heading == RECIPE_HEADING]
+    return [line for line in lines if line.strip()], section
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory, real_data_dir):
     """A copy of the checkout as a clone has it, into which a demo sweep, a run and a report
     have written; the user's home is a fresh folder, so the demo also leaves Ray's token there."""
-    root = tmp_path_factory.mktemp("clone") / "odenet"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)  # times kept: make sees .venv up to date
-    (root / ".venv").symlink_to(REPO / ".venv")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
-    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "clone"], cwd=root, check=True)
-    assert subprocess.run(["make", "-q", ".venv/.installed"], cwd=root).returncode == 0, \
-        "the checkout's .venv is older than pyproject.toml: run `make venv` first"
+    root = copy_checkout(tmp_path_factory.mktemp("clone") / "odenet")
 
     home = tmp_path_factory.mktemp("home")
     env = user_env(home, real_data_dir)

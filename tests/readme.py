@@ -1,0 +1,122 @@
+"""What a user of the README does, for the tests that follow it: the README's shell
+commands (by section), a fresh copy of the checkout as a clone has it, and a user's shell
+(no virtual environment active, no tracking server, a home of its own), in a PID and
+network namespace of its own where the machine allows it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import REPO
+
+README = REPO / "README.md"
+
+
+@dataclass(frozen=True)
+class Command:
+    chapter: str  # the level-2 heading it is under, e.g. "## Run on Kubernetes"
+    section: str  # the heading right above its code block, e.g. "### On a local Ray cluster"
+    text: str  # one command line, continuation lines joined, as bash reads it
+
+
+def blocks(text: str | None = None, chapters: bool = False) -> list[tuple]:
+    """(section, lines) of every bash/sh code block, indentation removed; with `chapters`,
+    (chapter, section, lines)."""
+    text = README.read_text() if text is None else text
+    found, chapter, section, block, indent = [], "", "", None, 0
+    for line in text.splitlines():
+        fence = re.match(r"^( *)```(\w*)\s*$", line)
+        if block is None:
+            if fence and fence.group(2) in ("bash", "sh"):
+                block, indent = [], len(fence.group(1))
+            elif line.startswith("#"):
+                section = line.strip()
+                chapter = section if re.match(r"^#{1,2} ", section) else chapter
+            continue
+        if fence:
+            found.append((chapter, section, block) if chapters else (section, block))
+            block = None
+            continue
+        block.append(line[indent:] if line.startswith(" " * indent) else line.lstrip())
+    return found
+
+
+def commands(text: str | None = None) -> list[Command]:
+    """Every command line of the README's bash/sh blocks, in order; comment-only lines dropped."""
+    out = []
+    for chapter, section, lines in blocks(text, chapters=True):
+        pending = ""
+        for line in lines:
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1].rstrip() + " "
+                continue
+            joined = (pending + line.strip()).strip()
+            pending = ""
+            if joined and not joined.startswith("#"):
+                out.append(Command(chapter, section, joined))
+    return out
+
+
+def copy_checkout(root: Path) -> Path:
+    """The checkout's files (tracked and untracked-not-ignored) copied to `root`, committed in a
+    git repository of its own, with the project's .venv linked in."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)  # times kept: make sees .venv up to date
+    (root / ".venv").symlink_to(REPO / ".venv")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "clone"], cwd=root, check=True)
+    assert subprocess.run(["make", "-q", ".venv/.installed"], cwd=root).returncode == 0, \
+        "the checkout's .venv is older than pyproject.toml: run `make venv` first"
+    return root
+
+
+def isolation() -> list[str]:
+    """A PID and network namespace of the test's own where the machine allows it (root):
+    `ray stop` then stops only this test's Ray, and default ports (Ray's, MLflow's 5000,
+    S3's 8333, PostgreSQL's 5432) are free."""
+    if shutil.which("unshare") and shutil.which("ip"):
+        command = ["unshare", "--pid", "--fork", "--mount-proc", "--net"]
+        if subprocess.run([*command, "true"], capture_output=True).returncode == 0:
+            return command
+    return []
+
+
+def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run shell lines with bash as a user's terminal would, in a namespace of their own if possible."""
+    wrapper = isolation()
+    script = "set -eo pipefail\n" + ("ip link set lo up\n" if wrapper else "") + "\n".join(lines) + "\n"
+    proc = subprocess.Popen([*wrapper, "bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the script left behind, outside a namespace
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def user_env(home: Path, data_dir: Path) -> dict[str, str]:
+    """A fresh user's shell: no virtual environment, no tracking server, no Ray settings;
+    Ray's files in a short folder of their own (socket paths are limited to 108 bytes)."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "ODENET_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, ODENET_DATA_DIR=str(data_dir),
+               PATH=os.pathsep.join(p for p in env.get("PATH", os.defpath).split(os.pathsep)
+                                    if not p.startswith(str(REPO))))
+    return env
