@@ -49,10 +49,10 @@ STEP = "=== step"
 def kind(command: readme.Command) -> str:
     """run | recipe | ci | static: how the test suite covers a README command."""
     first = command.text.split()[0]
-    if command.chapter == KUBERNETES or first in CLUSTER_TOOLS or command.text.startswith("ray job submit"):
-        return "static"
     if command.section == RECIPE_HEADING:
         return "recipe"
+    if command.chapter == KUBERNETES or first in CLUSTER_TOOLS or command.text.startswith("ray job submit"):
+        return "static"
     if command.text.startswith("make test"):
         return "ci"
     return "run"
@@ -112,6 +112,7 @@ def test_cluster_commands_are_valid_and_name_what_exists(command):
 
 @pytest.mark.stack
 @pytest.mark.ray
+@pytest.mark.timeout(2700)
 def test_the_readme_runs_from_top_to_bottom(tmp_path_factory, real_data_dir):
     root = readme.copy_checkout(tmp_path_factory.mktemp("readme") / "odenet")
     steps = tmp_path_factory.mktemp("steps")
