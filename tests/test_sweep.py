@@ -89,37 +89,6 @@ def test_report_of_the_smoke_search_shows_where_the_searcher_looked(smoke, track
     assert "report/report.md" in logged and "report/search_importance.png" in logged
 
 
-def test_one_at_a_time_smoke_sweep_runs_every_cell_over_its_seeds_and_reports(tracking_stack, tracking_env,
-                                                                                real_data_dir, tmp_path):
-    result = sweep("--smoke", "--design", "one-at-a-time", "--seeds", "2", "--name", "oat", "--max-epochs", "2",
-                   "--no-reevaluate", "--data-dir", str(real_data_dir), cwd=tmp_path, env=sweep_env(tracking_stack))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (parent,), runs = children("oat")
-    assert parent.data.tags["design"] == "one-at-a-time" and parent.data.params["seeds"] == "2"
-    cells = {}
-    for run in runs:
-        tags = run.data.tags
-        assert tags["design"] == "one-at-a-time" and run.info.status == "FINISHED"
-        assert "stopped_by" not in tags  # no scheduler stops a trial of a controlled comparison
-        cells.setdefault((tags["ablated_dimension"], tags["ablated_value"]), []).append(run.data.params["seed"])
-        if tags["ablated_dimension"] == "activation_before":
-            assert run.data.params["activation_before"] == tags["ablated_value"]
-        else:
-            assert run.data.params["activation_before"] == "relu"  # the study's base everywhere else
-    assert set(cells) == {("base", "base"), *(("activation_before", v) for v in ("none", "tanh", "softplus"))}
-    assert all(sorted(seeds) == ["0", "1"] for seeds in cells.values())
-
-    reported = subprocess.run([sys.executable, "-m", "odenet.cli", "report", "--experiment", "oat", "--out", "rep"],
-                              cwd=tmp_path, env=sweep_env(tracking_stack), capture_output=True, text=True, timeout=300)
-    assert reported.returncode == 0, reported.stderr
-    table = pd.read_csv(tmp_path / "rep" / "one_at_a_time_activation_before.csv")
-    assert list(table["value"]) == ["relu (base)", "none", "tanh", "softplus"]
-    assert list(table["seeds finished"]) == ["2 of 2"] * 4
-    assert table["verdict"].iloc[1:].str.match(r"(higher by|lower by|no difference detectable with 2 seeds)").all()
-    logged = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "report")}
-    assert {"report/report.md", "report/one_at_a_time_activation_before.csv"} <= logged
-
-
 def _trial_processes(driver_pid):
     """The Ray worker processes running a trial, among the driver's descendants."""
     import psutil
