@@ -428,6 +428,10 @@ def add_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
                                       f"an unfinished sweep again restores it")
     sweep.add_argument("--resume", metavar="NAME", help="restore the unfinished sweep NAME; never starts a new one")
     parser.set_defaults(default_name=default_name)
+    sweep.add_argument("--estimate", action="store_true",
+                       help="print the trials, trial-epochs and device-hours these flags imply, and stop")
+    sweep.add_argument("--estimate-gpus", type=int, default=8, metavar="N",
+                       help="with --estimate: the GPUs the hours are shared over (default: 8)")
     sweep.add_argument("--storage-path",
                        help="sweep state and trial checkpoints: a folder or s3://bucket/prefix (default: ray_results "
                             "in the working directory; under $ODENET_HOME, default ~/odenet, in a Ray job)")
@@ -496,6 +500,28 @@ class Sweep:
     parent_params: dict[str, str] = field(default_factory=dict)
 
 
+def cost(args: argparse.Namespace, base: RunConfig, sweep: Sweep):
+    """What the sweep will cost (sweeps/estimate.py), from its flags alone."""
+    import itertools
+
+    from sweeps import estimate
+
+    fixed = base.to_dict()
+    if sweep.cells is not None:
+        trials = [([base.replace(**cell["settings"]).to_dict()], base.max_epochs) for cell in sweep.cells]
+    elif all(dim.kind == "grid" for dim in sweep.space.values()):
+        grid = [dict(zip(sweep.space, values)) for values in itertools.product(*(d.values for d in sweep.space.values()))]
+        trials = [([base.replace(**point).to_dict()], base.max_epochs) for point in grid]
+    else:
+        n = args.num_samples
+        if getattr(args, "scheduler", "asha") == "asha":
+            epochs = estimate.asha_epochs(n, base.max_epochs, args.grace_period, args.reduction_factor) / n
+        else:
+            epochs = base.max_epochs
+        trials = [(estimate.alternatives(sweep.space, fixed), epochs)] * n
+    return estimate.estimate(trials)
+
+
 def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     """Validate everything, start (or restore) the sweep, print and log the results table."""
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
@@ -503,6 +529,9 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     errors += check_resources(args, on_cluster)
     if errors:
         raise SweepError(errors)
+    if args.estimate:
+        print("\n".join(cost(args, base, sweep).lines(gpus=args.estimate_gpus)))
+        return None
     args.name = naming.sweep_name(args, args.default_name)
     experiment = args.experiment or args.name
     if not on_cluster and base.data_dir is None:

@@ -1,0 +1,59 @@
+"""`--estimate`: trials and trial-epochs against a hand count, device-hours against the
+epoch costs BENCHMARKS.md measured, and no sweep started."""
+
+import re
+
+import pytest
+
+from sweeps import estimate
+from sweeps.architecture_ablation import architecture_ablation
+from sweeps.parameter_efficiency import parameter_efficiency
+from sweeps.tuning import main
+
+
+def printed(program, argv, capsys):
+    assert main(program, [*argv, "--estimate"]) == 0
+    out = capsys.readouterr().out
+    import ray
+
+    assert not ray.is_initialized()
+    return out
+
+
+def number(pattern, text):
+    return float(re.search(pattern, text).group(1).replace(",", ""))
+
+
+def test_asha_trial_epochs_are_counted_rung_by_rung(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # rungs at epochs 1, 2, 4 and 8 of 10: 8 trials run epoch 1, 4 run epoch 2, 2 run epochs 3-4,
+    # 1 runs epochs 5-8 and half a trial (the expected survivor of rung 8) epochs 9-10
+    assert estimate.asha_epochs(8, 10, 1, 2) == 8 * 1 + 4 * 1 + 2 * 2 + 1 * 4 + 0.5 * 2
+    out = printed(architecture_ablation, ["--num-samples", "8", "--max-epochs", "10", "--grace-period", "1",
+                                          "--reduction-factor", "2"], capsys)
+    assert "trials: 8" in out and "trial-epochs: at most 21 " in out
+    out = printed(architecture_ablation, ["--num-samples", "8", "--max-epochs", "10", "--scheduler", "fifo"], capsys)
+    assert "trial-epochs: at most 80 " in out
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing started
+
+
+def test_designed_trials_are_every_cell_and_their_hours_the_measured_epochs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # base + stride 1 + final_time 2, 5, 10: five cells, two seeds each, three epochs at most
+    out = printed(architecture_ablation, ["--design", "one-at-a-time", "--dimensions", "stride,final_time",
+                                          "--seeds", "2", "--max-epochs", "3"], capsys)
+    assert "trials: 10" in out and "trial-epochs: at most 30 " in out
+    # at the benchmark's own sizes, an epoch costs exactly what BENCHMARKS.md measured
+    measured = estimate.measured_epoch_s()
+    out = printed(parameter_efficiency, ["--models", "odenet-simple,resnet-small", "--datasets", "fashion-mnist",
+                                         "--seeds", "2", "--max-epochs", "4", "--subset", "2048"], capsys)
+    assert "trials: 4" in out and "trial-epochs: at most 16 " in out
+    for device, label in (("cpu", "CPU"), ("cuda", "GPU")):
+        hours = 2 * 4 * (measured[device]["odenet-simple"] + measured[device]["resnet-small"]) / 3600
+        assert number(label + r"[^:]*: ([\d.,]+) device-hours", out) == pytest.approx(hours, rel=5e-3)
+
+
+def test_unmeasured_models_are_said_not_estimated(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = printed(parameter_efficiency, ["--models", "odenet-complex", "--datasets", "fashion-mnist"], capsys)
+    assert "not estimated" in out and "device-hours" not in out
