@@ -1,0 +1,1 @@
+"""Benchmarks that measure the library through its own API (`odenet.train.fit`)."""
