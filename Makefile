@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Extra sweep flags for `make demo`, e.g. DEMO_ARGS="--num-samples 2 --max-epochs 1" for a quicker check.
 DEMO_ARGS ?=
 
-.PHONY: demo test venv system-packages checkov clean bench
+.PHONY: demo test venv system-packages checkov clean bench bench-tta
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ demo: venv system-packages
 # The CPU section of BENCHMARKS.md (about 20 minutes on 2 cores; keep the machine otherwise idle).
 bench: venv system-packages
 	$(VENV)/bin/odenet bench --out BENCHMARKS.md
+
+# BENCHMARKS.md's time-to-accuracy section: every lever over 3 seeds to early stopping (about 30-40 minutes on 2 cores).
+bench-tta: venv system-packages
+	$(PY) -m bench.time_to_accuracy --device cpu --out BENCHMARKS.md
 
 test: venv checkov system-packages
 	CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
