@@ -62,3 +62,24 @@ def test_a_diverged_run_exits_non_zero_with_its_cause(tmp_path, real_data_dir):
                     cwd=tmp_path)
     assert result.returncode == 3
     assert "diverged: max_num_steps at epoch 1, batch 1" in result.stderr
+
+
+def test_a_malformed_config_file_is_named_with_its_line_and_column(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: resnet-small\nlr: [1e-3\nseed: 2\n")
+    (tmp_path / "run.json").write_text('{"model": "resnet-small",\n "lr": 1e-3,}\n')
+    result = odenet("train", "--config", "run.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "run.yaml: not valid YAML at line 3, column 5" in result.stderr
+    result = odenet("train", "--config", "run.json", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "run.json: not valid JSON at line 2, column 13" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_with_nothing_to_resume_says_where_it_looked(tmp_path):
+    result = odenet("train", "--resume", "--checkpoint-dir", "runs/nothing", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--resume: nothing to resume, no checkpoint.pt in {tmp_path / 'runs' / 'nothing'}" in result.stderr
+    result = odenet("train", "--resume", cwd=tmp_path)
+    assert result.returncode == 2 and "--resume needs the --checkpoint-dir of the run to continue" in result.stderr
+    assert not (tmp_path / "runs").exists()
