@@ -274,6 +274,16 @@ class MlflowTracker:
     def log_epoch(self, metrics) -> None:
         self._log(metrics.as_dict())
 
+    def sent(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the queued epoch metrics to reach the server: before a Tune
+        trial reports an epoch, after which the scheduler may stop its process at once. False
+        when the server is away (an outage): the metrics stay queued and training goes on."""
+        try:
+            self._writer.flush(timeout_s)
+        except TrackingError:
+            return False
+        return True
+
     def _log(self, values: dict) -> None:
         from mlflow.entities import Metric
 

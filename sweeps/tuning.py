@@ -27,6 +27,9 @@ from sweeps import naming, places
 # The one place the sweep's objective is named: the searcher, the scheduler and the
 # results table all read it from here.
 METRIC, MODE = "val_acc", "max"
+# How long a trial waits for its epoch metrics to reach MLflow before reporting the epoch to
+# Tune; longer than a healthy server needs, short enough not to stall training in an outage.
+METRICS_BEFORE_REPORT_S = 15.0
 # Fields that describe where a run happens rather than what it is: never searched.
 NOT_SEARCHABLE = ("data_dir", "device")
 SAMPLERS = ("loguniform", "uniform")
@@ -224,6 +227,8 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
     )
 
     def on_epoch(metrics, _path) -> None:
+        # ASHA may stop this process as soon as the epoch is reported: its MLflow metrics go first.
+        tracker.sent(timeout_s=METRICS_BEFORE_REPORT_S)
         tune.report({**metrics.as_dict(), "trial_status": "RUNNING"},
                     checkpoint=tune.Checkpoint.from_directory(str(work)))
 

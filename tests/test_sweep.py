@@ -59,6 +59,10 @@ def test_smoke_sweep_logs_every_trial_as_a_child_run(smoke, tracking_stack, trac
     assert parent.info.status == "FINISHED"
     assert {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)} >= {"results.csv", "results.md"}
     assert any(r.data.tags.get("stopped_by") == "asha" for r in runs), "ASHA stopped no trial"
+    # a trial ASHA stopped right after its epoch still has that epoch's metrics in MLflow
+    for run in runs:
+        if run.info.status == "KILLED":
+            assert MlflowClient().get_metric_history(run.info.run_id, "val_acc"), run.info.run_id
     assert all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs)
     assert len(table_rows(smoke.stdout)) == 6
     # the sweep's state and checkpoints are in the bucket
