@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, table_rows
+from tests.conftest import REPO, isolation, table_rows
 
 pytestmark = [pytest.mark.stack, pytest.mark.ray]
 
@@ -47,16 +47,6 @@ def readme_recipe() -> tuple[list[str], str]:
     section = (REPO / "README.md").read_text().split(RECIPE_HEADING, 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip()], section
-
-
-def isolation() -> list[str]:
-    """A PID and network namespace of the test's own where the machine allows it (root):
-    `ray stop` then stops only this test's Ray, and Ray's default ports are free."""
-    if shutil.which("unshare") and shutil.which("ip"):
-        command = ["unshare", "--pid", "--fork", "--mount-proc", "--net"]
-        if subprocess.run([*command, "true"], capture_output=True).returncode == 0:
-            return command
-    return []
 
 
 def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
