@@ -570,7 +570,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     print(table.to_markdown(index=False, floatfmt=".4g"))
     log_results(parent, table)
     print(f"results logged to MLflow run {parent} (experiment {experiment!r})")
-    tracking.print_ui_hint()
+    tracking.print_ui_hint(experiment, params=[*sweep.space])
     print(f"sweep {args.name!r} done: {where.describe(args.name)}")
     return table
 

@@ -82,10 +82,15 @@ def alive_nodes(dashboard: str) -> int:
         return 0
 
 
-def epochs_logged(client: MlflowClient, experiment: str, trial: str) -> int:
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], f"tags.run_identity = '{trial}'") if found else []
-    return max((len(client.get_metric_history(r.info.run_id, "val_acc")) for r in runs), default=0)
+def epochs_logged(client: MlflowClient, experiment: str, trial: str, run_ids: dict[str, str]) -> int:
+    """Epochs the trial's MLflow run holds (its run id found once, then remembered in run_ids)."""
+    if trial not in run_ids:
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id], f"tags.run_identity = '{trial}'") if found else []
+        if not runs:
+            return 0
+        run_ids[trial] = runs[0].info.run_id
+    return len(client.get_metric_history(run_ids[trial], "val_acc"))
 
 
 def wait_alive(dashboard: str, count: int, node: subprocess.Popen, log: Path, last: bool = True) -> bool:
@@ -154,15 +159,16 @@ def test_a_worker_node_lost_mid_trial_its_trials_finish_on_the_other_from_s3(clu
     # trial that has logged two epochs is killed.
     client = MlflowClient()
     ran_on: dict[str, set[str]] = {}
+    run_ids: dict[str, str] = {}
     killed = None
     deadline = time.time() + 600
     while job.poll() is None and time.time() < deadline:
         for node in WORKERS:
             for trial in trials_on(nodes[node]):
                 ran_on.setdefault(trial, set()).add(node)
-                if killed is None and epochs_logged(client, name, trial) >= 2:
+                if killed is None and epochs_logged(client, name, trial, run_ids) >= 2:
                     kill_node(nodes[node])
-                    killed = (node, trial, epochs_logged(client, name, trial))
+                    killed = (node, trial, epochs_logged(client, name, trial, run_ids))
                     break
         time.sleep(0.5)
     try:
@@ -191,8 +197,9 @@ def test_a_worker_node_lost_mid_trial_its_trials_finish_on_the_other_from_s3(clu
 
     # The killed trial continued on the surviving node; fractional GPUs let both share it.
     assert ran_on[victim] == {dead, survivor}
-    assert re.search(rf"trial_{victim}.*(RayActorError|ActorDiedError|node.*died|died)", out, re.S | re.I) \
-        or "error.txt" in out, out[-6000:]
+    # Tune's own account: the trial failed once, with its node, and finished after the retry.
+    assert re.search(rf"\| trial_{victim} +\| +1\* \|", out), out[-6000:]
+    assert "The trial terminated successfully after retrying" in out
 
     # The sweep's state and every trial's checkpoints are on S3, where the other node found them.
     listed = tracking_stack.s3_client().list_objects_v2(Bucket=tracking_stack.bucket, Prefix=f"ray/{name}/")
