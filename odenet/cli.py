@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from odenet.config import ConfigError, RunConfig
 
@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not (checkpoint_dir / CHECKPOINT_FILE).exists():
         raise ConfigError([f"--resume: nothing to resume, no {CHECKPOINT_FILE} in {checkpoint_dir.resolve()}; "
                            f"pass the --checkpoint-dir of the run to continue" if args.checkpoint_dir else
-                           f"--resume needs the --checkpoint-dir of the run to continue (runs/MODEL-TIME)"])
+                           "--resume needs the --checkpoint-dir of the run to continue (runs/MODEL-TIME)"])
     tracker = tracking.MlflowTracker.from_environment(experiment=args.experiment, run_name=args.run_name)
     print(f"run: {config.model} on {config.dataset}, checkpoints in {checkpoint_dir}", flush=True)
     try:

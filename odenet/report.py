@@ -178,8 +178,10 @@ def one_at_a_time(frame: pd.DataFrame, report: Report, out: Path, nfe: dict[str,
         cells = runs[runs["ablated_dimension"] == dimension]
         base_value = str(base_runs[dimension].iloc[0]) if not base_runs.empty and dimension in base_runs else BASE
         groups = {f"{base_value} (base)": base_runs} if not base_runs.empty else {}
-        for value in _value_order(cells["ablated_value"].unique()):
-            groups[str(value)] = cells[cells["ablated_value"] == value]
+        # Values as the runs logged them (params), so the base's and the cells' read alike.
+        logged = cells[dimension].astype(str) if dimension in cells else cells["ablated_value"]
+        for value in _value_order(logged.unique()):
+            groups[str(value)] = cells[logged == value]
         table = comparison_table(groups, f"{base_value} (base)")
         report.tables[f"one_at_a_time_{dimension}"] = table
         lines += [f"### {dimension}", _shown(table)]

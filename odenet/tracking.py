@@ -10,6 +10,7 @@ retried before the run fails loudly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -39,6 +40,13 @@ BEST_CHECKPOINT = "checkpoints/model_best.pt"
 TRACKING_URI, TRACKING_USERNAME, TRACKING_PASSWORD = TRACKING
 # A tag that names what a run is for (a Tune trial's id): one run per identity.
 IDENTITY_TAG = "run_identity"
+# What an experiment is for: MLflow 3 UIs before the GenAI/Model training switch (3.17 has
+# one, see runs_url) open a "Machine learning" experiment (this value) on its runs, not on traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A view of the runs table the UI loads from an experiment tag (its "share" links), and the
+# metrics it shows; best val_acc first.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+VIEW_METRICS = ("val_acc", "best_val_acc", "test_acc", "mean_fnfe")
 
 
 class TrackingError(RuntimeError):
@@ -112,7 +120,7 @@ def experiment_id(name: str) -> str:
     # (a Ray worker, say) happens to run in.
     location = (Path(uri[len("sqlite:///"):]).parent / EMBEDDED_ARTIFACTS).as_uri() if uri.startswith("sqlite:///") else None
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:
         # Concurrent trials may create it at the same time: the loser reads the winner's.
         found = c.get_experiment_by_name(name)
@@ -372,18 +380,39 @@ class MlflowTracker:
         if self.run_id is None:
             return
         print(f"mlflow run {self.run_id} in experiment {self.experiment!r} at {tracking_uri()}")
-        print_ui_hint()
+        print_ui_hint(self.experiment)
 
 
-def print_ui_hint() -> None:
+def runs_url(server: str, experiment: str, params: Sequence[str]) -> str | None:
+    """A link to the experiment's runs table as model training (not GenAI), best val_acc first,
+    with `params` and VIEW_METRICS as columns; None if the experiment or the view cannot be had."""
+    view = {"orderByKey": "metrics.`val_acc`", "orderByAsc": False,
+            "selectedColumns": [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in VIEW_METRICS]}
+    text = json.dumps(view, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        c = client()
+        found = c.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        c.set_experiment_tag(found.experiment_id, SHARED_VIEW_TAG + key, text)
+    except Exception:  # the hint never fails a run that is done
+        return None
+    return f"{server.rstrip('/')}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning" \
+           f"&viewStateShareKey={key}"
+
+
+def print_ui_hint(experiment: str | None = None, params: Sequence[str] = ("model", "lr")) -> None:
+    """Where to open the MLflow UI: with an experiment, a link to its runs sorted by val_acc."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         shown = f"sqlite:///{db.name}" if db.parent == Path.cwd() else uri
+        server = "http://127.0.0.1:5000"
         print(f"open the MLflow UI: mlflow ui --backend-store-uri {shown} (in {db.parent}), "
-              f"then http://127.0.0.1:5000")
+              f"then {experiment and runs_url(server, experiment, params) or server}")
     else:
-        print(f"open the MLflow UI: {uri}")
+        print(f"open the MLflow UI: {experiment and runs_url(uri, experiment, params) or uri}")
 
 
 def _param_value(value: Any) -> str:

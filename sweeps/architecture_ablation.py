@@ -24,7 +24,6 @@ import json
 import sys
 from typing import Sequence
 
-from pathlib import Path
 
 from odenet.config import STEM_SETTINGS, read_settings_file
 from sweeps import designs

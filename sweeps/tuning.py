@@ -563,7 +563,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
 
     ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=True)
     if args.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) < args.gpus_per_trial:
-        print(f"no GPU in the cluster yet: trials wait for the autoscaler to add GPU workers", flush=True)
+        print("no GPU in the cluster yet: trials wait for the autoscaler to add GPU workers", flush=True)
 
     path = f"{storage_path}/{args.name}"
     params = {"program": program, "design": sweep.design, "search_space": describe_space(sweep.space),
@@ -604,7 +604,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     print(table.to_markdown(index=False, floatfmt=".4g"))
     log_results(parent, table)
     print(f"results logged to MLflow run {parent} (experiment {experiment!r})")
-    tracking.print_ui_hint()
+    tracking.print_ui_hint(experiment, params=[*sweep.space])
     print(f"sweep {args.name!r} done: {where.describe(args.name)}")
     return table
 

@@ -1,10 +1,10 @@
 """Drive the MLflow UI (a React single-page app, hash routes) in the system's Chromium with
 Playwright's sync API: never `playwright install`; the browser is /usr/bin/chromium.
 
-    open_runs_ui(tracking_uri, credentials, experiment_id, run_ids, screenshot_dir) -> dict
+    open_runs_ui(link, credentials, experiment_id, run_ids, screenshot_dir, artifact=...) -> dict
 
-opens the experiment's runs table (with every metric and parameter column shown) and the
-compare view of the runs, waits for their content, saves a PNG of each page and returns
+opens a runs-table link as the project prints it, the compare view of the runs and an
+artifact on its run's page, waits for their content, saves a PNG of each page and returns
 what the pages show.
 """
 
@@ -21,11 +21,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
 TIMEOUT_MS = 60_000
-
-
-def experiment_runs_url(tracking_uri: str, experiment_id: str) -> str:
-    """The runs table of an experiment (MLflow 3 opens a GenAI overview at #/experiments/ID)."""
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+# Scroll every scrolled panel of the page one screen down.
+SCROLL_DOWN = """() => document.querySelectorAll('*').forEach(e => {
+    if (['auto', 'scroll'].includes(getComputedStyle(e).overflowY) && e.scrollHeight > e.clientHeight)
+        e.scrollTop += e.clientHeight; })"""
 
 
 def compare_runs_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> str:
@@ -49,22 +48,28 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
-def open_runs_ui(tracking_uri: str, credentials: tuple[str, str] | None, experiment_id: str, run_ids: list[str],
-                 screenshot_dir: str | Path, *, name: str = "mlflow-ui", chromium: str = CHROMIUM,
-                 viewport: tuple[int, int] = (1920, 1080), timeout_ms: int = TIMEOUT_MS) -> dict:
-    """Open the experiment page and the compare view of `run_ids`; returns
+def open_runs_ui(link: str, credentials: tuple[str, str] | None, experiment_id: str, run_ids: list[str],
+                 screenshot_dir: str | Path, *, compare: list[str] | None = None, metrics: tuple[str, ...] = (),
+                 artifact: tuple[str, str] | None = None, name: str = "mlflow-ui",
+                 chromium: str = CHROMIUM, viewport: tuple[int, int] = (1920, 1080),
+                 timeout_ms: int = TIMEOUT_MS) -> dict:
+    """Open `link` (the runs table a sweep or `odenet train` printed) and wait for `run_ids` in it;
+    with compare, the compare view of those runs, scrolled until `metrics` show; with
+    artifact=(run_id, path), that artifact on its run's page. Returns
 
         {"run_names": {run_id: name},
-         "experiment": {"url", "text", "columns", "screenshot"},
+         "runs": {"url", "text", "columns", "screenshot", "expanded"},
          "compare": {"url", "text", "columns", "screenshot"},
+         "artifact": {"url", "screenshot", "images": [(src, natural width)]},
          "console_errors": [...]}
 
     where "text" is the page's rendered text (document.body.innerText; table cells are
-    tab-separated) and "columns" the table column headers, once every run name (and, on
-    the experiment page, the metric and parameter columns) has rendered.
+    tab-separated) and "columns" the table column headers, once every run name has rendered;
+    "expanded" says whether a collapsed parent run had to be expanded to show its children.
     """
     from playwright.sync_api import sync_playwright
 
+    tracking_uri = link.split("/#/", 1)[0]
     names = run_names(tracking_uri, credentials, run_ids)
     shots = Path(screenshot_dir)
     shots.mkdir(parents=True, exist_ok=True)
@@ -79,34 +84,58 @@ def open_runs_ui(tracking_uri: str, credentials: tuple[str, str] | None, experim
             page = context.new_page()
             page.on("console", lambda m: m.type == "error" and result["console_errors"].append(m.text))
 
-            # The experiment's runs table. Metric and parameter columns are hidden until chosen
-            # in "Columns"; tick both groups so the table shows them.
-            url = experiment_runs_url(tracking_uri, experiment_id)
-            page.goto(url)
-            for run_name in names.values():
-                page.get_by_role("link", name=run_name, exact=True).first.wait_for()
+            # The runs table as the link opens it; a parent run MLflow shows collapsed is expanded.
+            page.goto(link)
+            page.get_by_text("matching runs").first.wait_for()
+            links = {run_id: page.locator("[role=gridcell]").get_by_role("link", name=run_name, exact=True).first
+                     for run_id, run_name in names.items()}
+            page.wait_for_function("() => !/(^|\\D)0 matching runs/.test(document.body.innerText)")
+            page.locator("[role=gridcell] a").first.wait_for()
+            expanded = False
+            if not all(run_link.is_visible() for run_link in links.values()):
+                for run_link in [run_link for run_link in links.values() if run_link.is_visible()]:
+                    expander = page.locator("[role=gridcell]", has=run_link).locator(
+                        "button[data-component-id*='runnamecellrenderer']")
+                    if expander.count():
+                        expander.first.click()
+                        expanded = True
+            for run_link in links.values():
+                run_link.wait_for()
             _close_assistant(page)
-            page.get_by_role("button", name="Columns").click()
-            for group in ("Metrics", "Parameters"):
-                node = page.locator(f"[class*='tree-treenode']:has([title^='{group}'])").first
-                node.wait_for()
-                if "checkbox-checked" not in (node.get_attribute("class") or ""):
-                    node.locator("[class*='tree-checkbox']").first.click()
-            page.keyboard.press("Escape")
-            page.get_by_role("columnheader", name="Metrics").first.wait_for()
-            page.get_by_role("columnheader", name="Parameters").first.wait_for()
-            result["experiment"] = _capture(page, url, shots / f"{_safe(name)}-experiment-{_safe(experiment_id)}.png")
+            result["runs"] = {**_capture(page, page.url, shots / f"{_safe(name)}-runs-{_safe(experiment_id)}.png"),
+                              "expanded": expanded}
 
-            # The compare view: run details, parameters and metrics side by side.
-            url = compare_runs_url(tracking_uri, experiment_id, run_ids)
-            page.goto(url)
-            page.get_by_text(f"Comparing {len(run_ids)} Runs").first.wait_for()
-            for run_name in names.values():
-                page.get_by_text(run_name, exact=True).first.wait_for()
-            page.get_by_text("Parameters", exact=True).first.wait_for()
-            page.get_by_text("Metrics", exact=True).first.wait_for()
-            _close_assistant(page)
-            result["compare"] = _capture(page, url, shots / f"{_safe(name)}-compare-{_safe(experiment_id)}.png")
+            if compare:  # run details, parameters and metrics side by side
+                url = compare_runs_url(tracking_uri, experiment_id, compare)
+                page.goto(url)
+                page.get_by_text(f"Comparing {len(compare)} Runs").first.wait_for()
+                for run_id in compare:
+                    page.get_by_text(names[run_id], exact=True).first.wait_for()
+                page.get_by_text("Parameters", exact=True).first.wait_for()
+                page.get_by_text("Metrics", exact=True).first.wait_for()
+                for metric in metrics:  # the metrics table renders only the rows in its scrolled window
+                    shown = page.get_by_text(metric, exact=True)
+                    for _ in range(50):
+                        if shown.count():
+                            break
+                        page.evaluate(SCROLL_DOWN)
+                        page.wait_for_timeout(200)
+                    shown.first.wait_for()
+                _close_assistant(page)
+                result["compare"] = _capture(page, url, shots / f"{_safe(name)}-compare-{_safe(experiment_id)}.png")
+
+            if artifact:
+                run_id, path = artifact
+                url = (f"{tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}"
+                       "?workflowType=machine_learning")
+                page.goto(url)
+                page.wait_for_function("() => Array.from(document.images).some(i => i.complete && i.naturalWidth > 0"
+                                       " && (i.src.startsWith('blob:') || i.src.includes('get-artifact')))")
+                _close_assistant(page)
+                shot = shots / f"{_safe(name)}-artifact-{_safe(Path(path).stem)}.png"
+                page.screenshot(path=str(shot))
+                images = page.evaluate("() => Array.from(document.images).map(i => [i.src, i.naturalWidth])")
+                result["artifact"] = {"url": url, "screenshot": str(shot), "images": images}
         finally:
             browser.close()
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,17 @@ def table_rows(stdout):
             break
         rows.append(line)
     return rows
+
+
+def isolation(net: bool = True) -> list[str]:
+    """A command prefix for a PID (and, with net, network) namespace of the test's own where the
+    machine allows it (root): `ray stop` then stops only this test's Ray, killing the namespace's
+    first process ends all of it, and with net Ray's default ports are free."""
+    if shutil.which("unshare") and (shutil.which("ip") or not net):
+        command = ["unshare", "--pid", "--fork", "--mount-proc", *(["--net"] if net else [])]
+        if subprocess.run([*command, "true"], capture_output=True).returncode == 0:
+            return command
+    return []
 
 
 @pytest.fixture(scope="session")

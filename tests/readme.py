@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, isolation
 
 README = REPO / "README.md"
 
@@ -81,17 +81,6 @@ def copy_checkout(root: Path) -> Path:
     assert subprocess.run(["make", "-q", ".venv/.installed"], cwd=root).returncode == 0, \
         "the checkout's .venv is older than pyproject.toml: run `make venv` first"
     return root
-
-
-def isolation() -> list[str]:
-    """A PID and network namespace of the test's own where the machine allows it (root):
-    `ray stop` then stops only this test's Ray, and default ports (Ray's, MLflow's 5000,
-    S3's 8333, PostgreSQL's 5432) are free."""
-    if shutil.which("unshare") and shutil.which("ip"):
-        command = ["unshare", "--pid", "--fork", "--mount-proc", "--net"]
-        if subprocess.run([*command, "true"], capture_output=True).returncode == 0:
-            return command
-    return []
 
 
 def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:

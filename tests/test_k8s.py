@@ -1071,7 +1071,7 @@ def test_every_checkov_skip_gives_its_reason(framework):
 def test_terraform_is_formatted():
     binary = os.environ.get("TERRAFORM_BIN") or shutil.which("terraform") or "/usr/local/bin/terraform"
     if not Path(binary).is_file():
-        pytest.fail(f"terraform not found (PATH, /usr/local/bin/terraform or TERRAFORM_BIN): cannot run fmt -check")
+        pytest.fail("terraform not found (PATH, /usr/local/bin/terraform or TERRAFORM_BIN): cannot run fmt -check")
     completed = subprocess.run(
         [binary, "fmt", "-check", "-diff", "-recursive", str(TERRAFORM)], capture_output=True, text=True, timeout=120
     )

@@ -1,10 +1,17 @@
-"""The MLflow UI of the local stack, in Chromium: two runs logged with the client show up,
-with their parameters and metrics, on the experiment page and in the compare view.
-Screenshots go to test-artifacts/ at the repository root."""
+"""The MLflow UI as a user first meets it, in Chromium, on runs the project itself logged into
+the local stack (`odenet train` and a smoke sweep): the link each prints opens the runs table
+as model training (not GenAI's overview), sorted by val_acc, with the searched parameters and
+the metrics as columns; the sweep's parent and children show; the compare view shows the
+searched parameters and val_acc; a run's learning-curve PNG renders. Screenshots go to
+test-artifacts/ at the repository root."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -12,53 +19,111 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.browser import CHROMIUM, open_runs_ui
+from tests.conftest import REPO
 
-pytestmark = [pytest.mark.stack, pytest.mark.browser]
+pytestmark = [pytest.mark.stack, pytest.mark.browser,
+              pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")]
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-PARAMS = ("lr", "model")
-METRICS = ("val_acc", "val_loss")
+LINK = re.compile(r"^open the MLflow UI: (\S+)$", re.M)
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def two_runs(tracking_stack, tracking_env):
-    client = MlflowClient()
-    experiment_id = client.create_experiment(f"ui-check-{uuid.uuid4().hex[:8]}")
-    runs = {}
-    for run_name, lr, model, best in (("odenet-lr0.1", 0.1, "odenet-simple", 0.81),
-                                      ("resnet-lr0.01", 0.01, "resnet-small", 0.74)):
-        run = client.create_run(experiment_id, run_name=run_name)
-        client.log_param(run.info.run_id, "lr", lr)
-        client.log_param(run.info.run_id, "model", model)
-        for step in range(3):
-            client.log_metric(run.info.run_id, "val_acc", round(best - 0.1 * (2 - step), 3), step=step)
-            client.log_metric(run.info.run_id, "val_loss", round(1.5 - 0.4 * step + lr, 3), step=step)
-        client.set_terminated(run.info.run_id)
-        runs[run.info.run_id] = run_name
-    return experiment_id, runs
+def logged_by(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Run a project command; its stdout."""
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
-@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-def test_runs_show_on_the_experiment_page_and_in_the_compare_view(tracking_stack, two_runs):
-    experiment_id, runs = two_runs
-    pages = open_runs_ui(tracking_stack.tracking_uri, tracking_stack.credentials, experiment_id, list(runs),
-                         ARTIFACTS, name="test_mlflow_ui")
-    assert pages["run_names"] == runs
-    for view in ("experiment", "compare"):
-        shown = cells(pages[view]["text"])
-        for expected in (*runs.values(), *PARAMS, *METRICS):
-            assert expected in shown, f"{expected!r} missing from the {view} page {pages[view]['url']}"
-        screenshot = Path(pages[view]["screenshot"])
-        assert screenshot.parent == ARTIFACTS and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # on the experiment page as columns of the runs table, with each run's values
-    assert {*PARAMS, *METRICS, "Run Name"} <= set(pages["experiment"]["columns"])
-    assert {"odenet-simple", "resnet-small", "0.1", "0.01", "0.81", "0.74"} <= cells(pages["experiment"]["text"])
-    # side by side in the compare view: a row per parameter, with both runs' values
+@pytest.fixture(scope="module")
+def logged(tracking_stack, real_data_dir, tmp_path_factory):
+    """An `odenet train` run and a two-trial smoke sweep, each in an experiment of its own;
+    their names and what each printed."""
+    cwd = tmp_path_factory.mktemp("ui")
+    env = {**os.environ, **tracking_stack.env}
+    env.pop("RAY_ADDRESS", None)
+    tag = uuid.uuid4().hex[:6]
+    train, sweep = f"ui-train-{tag}", f"ui-sweep-{tag}"
+    data = ["--data-dir", str(real_data_dir)]
+    train_out = logged_by(["-m", "odenet.cli", "train", "--experiment", train, "--model", "resnet-small", "--width",
+                           "4", "--subset", "256", "--test-subset", "100", "--max-epochs", "2", "--no-reevaluate",
+                           *data], cwd, env)
+    sweep_out = logged_by([str(REPO / "sweeps" / "architecture_ablation.py"), "--smoke", "--num-samples", "2",
+                           "--max-epochs", "1", "--name", sweep, *data], cwd, env)
+    return {"train": (train, train_out), "sweep": (sweep, sweep_out)}
+
+
+def printed_link(stdout: str, experiment_id: str, uri: str) -> str:
+    """The runs link a command printed: the model-training runs table, in a view MLflow keeps."""
+    (link,) = LINK.findall(stdout)
+    assert link.startswith(f"{uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+                           f"&viewStateShareKey="), link
+    return link
+
+
+def opened_as_model_training(page: dict) -> None:
+    """The runs table, not the GenAI overview, sorted by val_acc (the view's facets land in the URL)."""
+    assert "/runs?" in page["url"] and "workflowType=machine_learning" in page["url"]
+    assert "orderByKey=metrics.%60val_acc%60" in page["url"] and "orderByAsc=false" in page["url"]
+    text = page["text"]
+    assert "Sort: val_acc" in text and "matching run" in text
+    assert "Tool calls" not in text and "Usage" not in cells(text)
+
+
+def test_the_sweep_link_opens_its_runs_sorted_by_val_acc_with_the_searched_params(logged, tracking_stack,
+                                                                                   tracking_env):
+    name, stdout = logged["sweep"]
+    c = MlflowClient()
+    experiment = c.get_experiment_by_name(name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = c.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+    assert len(children) == 2
+    searched = list(json.loads(parent.data.params["search_space"]))
+    link = printed_link(stdout, experiment.experiment_id, tracking_stack.tracking_uri)
+
+    pages = open_runs_ui(link, tracking_stack.credentials, experiment.experiment_id,
+                         [parent.info.run_id, *(r.info.run_id for r in children)], ARTIFACTS,
+                         compare=[r.info.run_id for r in children], metrics=("val_acc",), name="test_mlflow_ui-sweep")
+    opened_as_model_training(pages["runs"])
+    shown = cells(pages["runs"]["text"])
+    assert name in shown and {r.info.run_name for r in children} <= shown, "the parent and its children"
+    assert {*searched, "val_acc", "test_acc", "Run Name"} <= set(pages["runs"]["columns"])
+
+    # side by side in the compare view: a row per searched parameter and val_acc, both trials' values
     compare = pages["compare"]["text"]
     assert "Comparing 2 Runs from 1 Experiment" in compare
-    rows = {line.split("\t")[0].strip(): [c.strip() for c in line.split("\t")[1:]] for line in compare.splitlines()}
-    assert sorted(rows["lr"]) == ["0.01", "0.1"] and sorted(rows["model"]) == ["odenet-simple", "resnet-small"]
+    rows = {line.split("\t")[0].strip(): [v.strip() for v in line.split("\t")[1:]] for line in compare.splitlines()}
+    for param in searched:
+        assert sorted(rows[param]) == sorted(r.data.params[param] for r in children), param
+    # the metrics table lists names, then values (rounded to 3 places)
+    assert "val_acc" in cells(compare)
+    assert {str(round(r.data.metrics["val_acc"], 3)) for r in children} <= cells(compare)
+    for page in ("runs", "compare"):
+        assert Path(pages[page]["screenshot"]).read_bytes()[:8] == PNG
+
+
+def test_the_train_link_opens_its_run_whose_learning_curves_render(logged, tracking_stack, tracking_env):
+    name, stdout = logged["train"]
+    c = MlflowClient()
+    experiment = c.get_experiment_by_name(name)
+    (run,) = c.search_runs([experiment.experiment_id])
+    assert "learning_curves.png" in {a.path for a in c.list_artifacts(run.info.run_id)}
+    link = printed_link(stdout, experiment.experiment_id, tracking_stack.tracking_uri)
+
+    pages = open_runs_ui(link, tracking_stack.credentials, experiment.experiment_id, [run.info.run_id], ARTIFACTS,
+                         artifact=(run.info.run_id, "learning_curves.png"), name="test_mlflow_ui-train")
+    opened_as_model_training(pages["runs"])
+    assert run.info.run_name in cells(pages["runs"]["text"])
+    assert {"model", "lr", "val_acc", "test_acc"} <= set(pages["runs"]["columns"])
+    rendered = [width for src, width in pages["artifact"]["images"]
+                if "learning_curves.png" in src or src.startswith("blob:")]
+    assert rendered and min(rendered) > 0, pages["artifact"]["images"]
+    for page in ("runs", "artifact"):
+        assert Path(pages[page]["screenshot"]).read_bytes()[:8] == PNG
 
 
 def cells(text: str) -> set[str]:

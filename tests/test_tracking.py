@@ -1,6 +1,7 @@
 """Every run in MLflow with artifacts in S3, against the real local stack
 (SeaweedFS + MLflow server with basic auth) from the `tracking_stack` fixture."""
 
+import json
 import os
 import subprocess
 import sys
@@ -173,9 +174,16 @@ def test_the_embedded_store_needs_no_setup(tmp_path, real_data_dir, monkeypatch)
     assert result.returncode == 0, result.stderr
     assert "mlflow ui --backend-store-uri sqlite:///mlruns.db" in result.stdout
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
-    (run,) = c.search_runs([c.get_experiment_by_name("odenet").experiment_id])
+    experiment = c.get_experiment_by_name("odenet")
+    (run,) = c.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert (tmp_path / "mlartifacts").is_dir()
+    # the printed link opens `mlflow ui`'s runs table in a view kept in the experiment: best val_acc first
+    link = f"then http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    key = result.stdout.split(f"{link}&viewStateShareKey=", 1)[1].split()[0]
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{key}"])
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`val_acc`", False)
+    assert {"params.`model`", "metrics.`val_acc`"} <= set(view["selectedColumns"])
     assert "checkpoints/model_best.pt" in artifact_paths(c, run.info.run_id)
 
 
