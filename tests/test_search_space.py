@@ -12,7 +12,7 @@ spec.loader.exec_module(ablation)
 
 
 def test_speed_levers_join_the_space_and_keep_evaluation_on_dopri5():
-    args, base = ablation.prepare(["--smoke", "--speed-levers"])
+    args, base, _ = ablation.prepare(["--smoke", "--speed-levers"])
     space = args.resolved_space
     assert set(ablation.SPEED_SPACE) <= set(space) and set(ablation.SEARCH_SPACE) <= set(space)
     assert list(space["solver"].values) == ["dopri5", "bosh3", "rk4", "euler"]
@@ -27,11 +27,11 @@ def test_speed_levers_join_the_space_and_keep_evaluation_on_dopri5():
 
 
 def test_without_speed_levers_the_space_is_the_studys():
-    args, base = ablation.prepare(["--smoke"])
+    args, base, _ = ablation.prepare(["--smoke"])
     assert set(args.resolved_space) == set(ablation.SEARCH_SPACE)
     assert base.eval_solver is None
 
 
 def test_an_explicit_eval_solver_wins():
-    _, base = ablation.prepare(["--smoke", "--speed-levers", "--eval-solver", "rk4"])
+    _, base, _ = ablation.prepare(["--smoke", "--speed-levers", "--eval-solver", "rk4"])
     assert base.eval_solver == "rk4"
