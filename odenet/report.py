@@ -30,6 +30,8 @@ from odenet.failures import Diverged
 from odenet.stats import Interval, mean_interval, paired_difference, verdict
 from odenet.summary import reevaluation_metric, summarize
 
+# The designs a run's `design` tag names, and the `ablated_dimension` of a one-at-a-time base
+# cell: the sweeps write them (sweeps/designs.py), the report reads them.
 SEARCH, ONE_AT_A_TIME, PARAMETER_EFFICIENCY = "search", "one-at-a-time", "parameter-efficiency"
 BASE = "base"
 # Numbers logged as params, read back as numbers.
@@ -361,8 +363,9 @@ def solver_reevaluation(frame: pd.DataFrame, report: Report, out: Path) -> None:
 # -- the whole report ---------------------------------------------------------------------------------
 
 
-def build(experiment: str, out_dir: Path) -> Report:
-    """Every section the experiment's designs allow, with its tables and figures in `out_dir`."""
+def build(experiment: str, out_dir: Path, parent=None) -> Report:
+    """Every section the experiment's designs allow, with its tables and figures in `out_dir`;
+    `parent` is the sweep's parent run (parent_run), which says what was searched."""
     frame = load_runs(experiment)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = frame["status"].value_counts()
@@ -380,14 +383,13 @@ def build(experiment: str, out_dir: Path) -> Report:
         parameter_efficiency(frame, report, out_dir)
     if SEARCH in designs:
         runs = frame[frame["design"] == SEARCH]
-        search(frame, report, out_dir, histories(runs["run_id"]), searched_dimensions(experiment, frame))
+        search(frame, report, out_dir, histories(runs["run_id"]), searched_dimensions(parent, frame))
     solver_reevaluation(frame, report, out_dir)
     return report
 
 
-def searched_dimensions(experiment: str, frame: pd.DataFrame) -> list[str]:
+def searched_dimensions(parent, frame: pd.DataFrame) -> list[str]:
     """The dimensions the sweep searched (from its parent run), else every param that varies."""
-    parent = parent_run(experiment)
     if parent is not None and "search_space" in parent.data.params:
         try:
             return [d for d in json.loads(parent.data.params["search_space"]) if d in frame]
@@ -413,13 +415,13 @@ def main(experiment: str, out_dir: str | None = None) -> str:
     """Write the report to `out_dir` (default reports/EXPERIMENT), log it to the experiment's parent
     run, and return its markdown."""
     folder = Path(out_dir or Path("reports") / experiment)
-    report = build(experiment, folder)
+    parent = parent_run(experiment)
+    report = build(experiment, folder, parent)
     text = report.markdown()
     (folder / "report.md").write_text(text)
     for name, table in report.tables.items():
         table.to_csv(folder / f"{name}.csv", index=False)
     where = f"written to {folder}/ (report.md, {len(report.tables)} CSV tables, {len(report.figures)} figures)"
-    parent = parent_run(experiment)
     if parent is not None:
         tracking.client().log_artifacts(parent.info.run_id, str(folder), artifact_path=ARTIFACT_PATH)
         where += f"; logged to the parent run {parent.info.run_id} under {ARTIFACT_PATH}/"

@@ -26,6 +26,7 @@ from typing import Sequence
 
 
 from odenet.config import STEM_SETTINGS, read_settings_file
+from odenet.report import ONE_AT_A_TIME, SEARCH
 from sweeps import designs
 from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, choice, loguniform, main, run
 
@@ -121,7 +122,7 @@ def tuner_parts(base, args):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    if args.design == designs.DESIGN:
+    if args.design == ONE_AT_A_TIME:
         return None, None  # every cell, trained to the same budget and early stopping
     searcher = HyperOptSearch(points_to_evaluate=first_points(args.resolved_space, args.points) or None,
                               random_state_seed=args.searcher_seed)
@@ -137,7 +138,7 @@ def tuner_parts(base, args):
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, default_name="architecture_ablation")
-    parser.add_argument("--design", choices=("search", designs.DESIGN), default="search",
+    parser.add_argument("--design", choices=(SEARCH, ONE_AT_A_TIME), default=SEARCH,
                         help="search: HyperOptSearch + ASHA over the whole space, to find good settings (default); "
                              "one-at-a-time: vary one dimension at a time from a base over --seeds seeds, "
                              "to measure each setting's effect with intervals")
@@ -171,7 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         for key, value in SMOKE_SWEEP.items():
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
-        if args.design == designs.DESIGN and args.dimensions is None:
+        if args.design == ONE_AT_A_TIME and args.dimensions is None:
             args.dimensions = SMOKE_DIMENSIONS
     return args
 
@@ -204,7 +205,7 @@ def prepare(argv: Sequence[str] | None):
         errors.append(f"--grace-period {args.grace_period}: expected at least 1")
     if args.reduction_factor <= 1:
         errors.append(f"--reduction-factor {args.reduction_factor:g}: expected a number > 1")
-    if args.design == "search":
+    if args.design == SEARCH:
         given = [flag for flag, value in (("--seeds", args.seeds), ("--dimensions", args.dimensions),
                                           ("--base-file", args.base_file),
                                           ("--base-from-experiment", args.base_from_experiment)) if value is not None]
@@ -214,7 +215,7 @@ def prepare(argv: Sequence[str] | None):
         errors.append(f"--seeds {args.seeds}: expected at least 1")
     if errors:
         raise SweepError(errors)
-    if args.design == "search":
+    if args.design == SEARCH:
         return args, base, Sweep(args.resolved_space, tuner_parts)
     return args, base, one_at_a_time(args, base)
 
@@ -235,7 +236,7 @@ def one_at_a_time(args: argparse.Namespace, base) -> Sweep:
     seeds = [base.seed + i for i in range(args.seeds or 3)]
     cells = designs.cells(space, base_point, dimensions, seeds)
     args.num_samples = 1  # the cells list every trial
-    return Sweep(space, tuner_parts, design=designs.DESIGN, cells=cells, columns=("seed", "ablated_dimension"),
+    return Sweep(space, tuner_parts, design=ONE_AT_A_TIME, cells=cells, columns=("seed", "ablated_dimension"),
                  parent_params={"dimensions": ",".join(dimensions), "seeds": str(len(seeds)),
                                 "base_point": json.dumps(base_point)})
 

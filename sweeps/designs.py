@@ -13,10 +13,9 @@ from typing import Any, Sequence
 
 from odenet import tracking
 from odenet.config import read_settings_file
+from odenet.report import BASE
 from sweeps.tuning import Dimension, SweepError
 
-DESIGN = "one-at-a-time"
-BASE = "base"  # the ablated_dimension tag of the base cell
 # Continuous dimensions are ablated over a small grid around the base value: these factors.
 CONTINUOUS_FACTORS = {"lr": (1 / 3, 3.0), "weight_decay": (0.1, 10.0)}
 # ... and, where the base value is 0 (no weight decay), these values.

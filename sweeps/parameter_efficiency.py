@@ -18,6 +18,7 @@ from typing import Sequence
 
 from odenet import tracking
 from odenet.config import DATASETS, MODELS
+from odenet.report import PARAMETER_EFFICIENCY
 from sweeps.designs import best_trial_settings
 from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, dimension, grid, main, run
 
@@ -65,7 +66,7 @@ def parameter_efficiency(argv: Sequence[str] | None = None):
         "seed": dimension("seed", grid(*range(args.seeds))),
     }
     args.num_samples = 1  # the grid itself lists every trial
-    return run(args, base, Sweep(space, tuner_parts, design="parameter-efficiency"), program="parameter_efficiency")
+    return run(args, base, Sweep(space, tuner_parts, design=PARAMETER_EFFICIENCY), program="parameter_efficiency")
 
 
 if __name__ == "__main__":

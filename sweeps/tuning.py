@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from odenet import envvars, tracking
 from odenet.config import ConfigError, RunConfig, read_settings_file
 from odenet.failures import Diverged
+from odenet.report import SEARCH
 from odenet.run import execute
 from odenet.summary import summarize
 from sweeps import naming, places
@@ -499,7 +500,7 @@ class Sweep:
 
     space: dict[str, Dimension]
     make_tuner_parts: Callable[[RunConfig, argparse.Namespace], tuple[Any, Any]]  # (search_alg, scheduler)
-    design: str = "search"
+    design: str = SEARCH
     cells: list[dict[str, Any]] | None = None  # sweeps/designs.py: {"settings": {...}, "tags": {...}}
     columns: Sequence[str] = ()  # extra results-table columns (a design's seed, ablated dimension)
     parent_params: dict[str, str] = field(default_factory=dict)
