@@ -35,7 +35,8 @@ def test_one_seed_claims_nothing_and_a_target_never_reached_has_no_time():
     assert compare(results).set_index("configuration").loc["one", "equal accuracy"] == "no"
     history = [EpochMetrics(epoch=i, train_loss=1, train_acc=0.5, val_loss=1, val_acc=v, fnfe=0, bnfe=0,
                             epoch_time_s=2.0) for i, v in enumerate((0.5, 0.7, 0.85), start=1)]
-    assert time_to_target(history, 0.8) == 6.0 and time_to_target(history, 0.9) is None
+    seconds = [m.epoch_time_s for m in history]
+    assert time_to_target(history, seconds, 0.8) == 6.0 and time_to_target(history, seconds, 0.9) is None
 
 
 def test_a_tiny_run_writes_its_section(real_data_dir, tmp_path, capsys):
