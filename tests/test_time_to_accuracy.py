@@ -4,12 +4,15 @@ import math
 
 import pytest
 
-from bench.time_to_accuracy import BASELINE, SeedResult, compare, main, time_to_target
-from odenet.train import EpochMetrics
+from bench.time_to_accuracy import BASELINE, SeedResult, compare, main
 
 
 def seeds(accuracies, total, to_target=1.0):
-    return [SeedResult(a, to_target, total, 5) for a in accuracies]
+    """Runs of five epochs that reach validation accuracy 0.5 after `to_target` CPU seconds and
+    stop after `total`."""
+    rest = (total - to_target) / 4
+    return [SeedResult(a, val_acc=(0.5, 0.6, 0.6, 0.6, 0.6), epoch_s=(to_target, rest, rest, rest, rest))
+            for a in accuracies]
 
 
 def test_the_overlap_rule_decides_which_speed_ups_are_claimed():
@@ -19,7 +22,7 @@ def test_the_overlap_rule_decides_which_speed_ups_are_claimed():
         "worse": seeds([0.70, 0.71, 0.72], total=10.0),  # faster, but its interval lies below: not claimed
         "better": seeds([0.90, 0.91, 0.92], total=50.0),  # above the baseline: claimed
     }
-    table = compare(results).set_index("configuration")
+    table = compare(results, target=0.5).set_index("configuration")
     # mean 0.81, t(0.975, 2) = 4.303, sd 0.01: 0.81 +- 0.0248
     assert table.loc[BASELINE, "acc_low"] == pytest.approx(0.81 - 4.3027 * 0.01 / math.sqrt(3), abs=1e-4)
     assert table.loc["same", "claimed speed-up"] == pytest.approx(4.0)
@@ -32,11 +35,19 @@ def test_the_overlap_rule_decides_which_speed_ups_are_claimed():
 
 def test_one_seed_claims_nothing_and_a_target_never_reached_has_no_time():
     results = {BASELINE: seeds([0.8], 100.0), "one": seeds([0.8], 10.0)}
-    assert compare(results).set_index("configuration").loc["one", "equal accuracy"] == "no"
-    history = [EpochMetrics(epoch=i, train_loss=1, train_acc=0.5, val_loss=1, val_acc=v, fnfe=0, bnfe=0,
-                            epoch_time_s=2.0) for i, v in enumerate((0.5, 0.7, 0.85), start=1)]
-    seconds = [m.epoch_time_s for m in history]
-    assert time_to_target(history, seconds, 0.8) == 6.0 and time_to_target(history, seconds, 0.9) is None
+    assert compare(results, target=0.5).set_index("configuration").loc["one", "equal accuracy"] == "no"
+    run = SeedResult(0.8, val_acc=(0.5, 0.7, 0.85), epoch_s=(2.0, 3.0, 4.0))
+    assert run.time_to(0.8) == 9.0 and run.time_to(0.5) == 2.0 and run.time_to(0.9) is None
+    assert run.total_s == 9.0 and run.epochs == 3
+
+
+def test_a_configuration_that_misses_the_target_in_one_seed_has_no_speed_up_to_target():
+    results = {BASELINE: seeds([0.8, 0.81, 0.82], total=100.0, to_target=50.0),
+               "missed": seeds([0.8, 0.81, 0.82], total=20.0, to_target=10.0)}
+    results["missed"][0] = SeedResult(0.8, val_acc=(0.4,) * 5, epoch_s=(4.0,) * 5)
+    row = compare(results, target=0.5).set_index("configuration").loc["missed"]
+    assert row["reached target"] == "2 of 3" and math.isnan(row["speed-up to target"])
+    assert row["speed-up to early stop"] == pytest.approx(5.0)
 
 
 def test_a_tiny_run_writes_its_section(real_data_dir, tmp_path, capsys):
