@@ -148,9 +148,9 @@ def _device_max(*values):
     """Python's max over 0-dim tensors without a host synchronisation (NaN propagates)."""
     if len(values) == 1:
         values = tuple(values[0])
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    return reduce(torch.maximum, [torch.as_tensor(v, dtype=tensors[0].dtype, device=tensors[0].device)
-                                  for v in values])
+    like = next(v for v in values if isinstance(v, torch.Tensor))
+    # new_full, not as_tensor: a Python number copied to the GPU would synchronise.
+    return reduce(torch.maximum, [v if isinstance(v, torch.Tensor) else like.new_full((), v) for v in values])
 
 
 def _without_host_max(function):
