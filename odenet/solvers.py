@@ -21,7 +21,7 @@ solver name to its registered name.
 On a GPU, torchdiffeq's step loop copies a device scalar to the host several times per
 step (`if accept_step`, `while next_t > t1`, the assertions, Python's `max` in the tuple
 and adjoint norms), and each copy waits for the GPU to finish. With the option
-`steps_per_sync` = K > 1 (the default on CUDA, `CUDA_STEPS_PER_SYNC`), steps run in
+`steps_per_sync` = K > 1 (the default on CUDA: `STEPS_PER_SYNC`), steps run in
 blocks of K with the accept/reject decision, the next step size and the interpolation
 data chosen on the device by `torch.where`, and the host looks once per block: whether
 the output time is reached, and whether the solve failed (with torchdiffeq's messages,
@@ -51,8 +51,8 @@ from torchdiffeq._impl.misc import Perturb, _compute_error_ratio, _null_callback
 from torchdiffeq._impl.rk_common import _RungeKuttaState
 
 PREFIX = "odenet_"
-# Steps per host synchronisation on CUDA; elsewhere 1 (the host is the device: nothing to wait for).
-CUDA_STEPS_PER_SYNC = 8
+# Steps per host synchronisation by device type; 1 where absent (on the CPU the host is the device).
+STEPS_PER_SYNC = {"cuda": 8}
 
 
 class _Pending(NamedTuple):
@@ -84,19 +84,21 @@ def _combine(stages: list[torch.Tensor], weights: list[float], dt: torch.Tensor,
 
 
 def default_steps_per_sync(device: torch.device) -> int:
-    return CUDA_STEPS_PER_SYNC if device.type == "cuda" else 1
+    return STEPS_PER_SYNC.get(device.type, 1)
 
 
 @contextlib.contextmanager
-def cuda_steps_per_sync(steps: int) -> Iterator[None]:
-    """Solve on CUDA with `steps` steps per host synchronisation, also in the adjoint's backward
-    solve (which autograd runs on its own thread: a module setting, not a context variable)."""
-    global CUDA_STEPS_PER_SYNC
-    saved, CUDA_STEPS_PER_SYNC = CUDA_STEPS_PER_SYNC, steps
+def steps_per_sync(device_type: str, steps: int) -> Iterator[None]:
+    """Solve on `device_type` with `steps` steps per host synchronisation where the options don't
+    say, also in the adjoint's backward solve (which autograd may run on its own thread: a module
+    setting, not a context variable)."""
+    saved = dict(STEPS_PER_SYNC)
+    STEPS_PER_SYNC[device_type] = steps
     try:
         yield
     finally:
-        CUDA_STEPS_PER_SYNC = saved
+        STEPS_PER_SYNC.clear()
+        STEPS_PER_SYNC.update(saved)
 
 
 class _StepRecord:
