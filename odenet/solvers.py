@@ -139,10 +139,10 @@ def vjp_counter(owner: Any, attribute: str) -> Callable[[torch.Tensor], None]:
     step = _open_step.get()
 
     def hook(grad: torch.Tensor) -> None:
-        if step is None or step.ran is None:
-            count(owner, attribute)
-        elif step.accepted:
+        if step is None or step.ran is None or step.accepted:
             setattr(owner, attribute, getattr(owner, attribute) + 1)
+        if step is not None and step.ran is None:
+            step.counted.append((owner, attribute))  # the step, not the context: autograd may run this elsewhere
     return hook
 
 
