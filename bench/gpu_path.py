@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--subset", type=int, default=10_000, help="training images before the 80/20 split")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2, help="the last is measured (the first warms up)")
-    parser.add_argument("--steps-per-sync", type=int, default=8, help="the device-side variant's K")
+    parser.add_argument("--steps-per-sync", type=int, default=4, help="the device-side variant's K")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for the fraction of peak")
     args = parser.parse_args(argv)
     config = RunConfig.from_dict(dict(model="odenet-simple", dataset="fashion-mnist", data_dir=args.data_dir,

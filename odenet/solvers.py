@@ -22,7 +22,8 @@ On a GPU, torchdiffeq's step loop copies a device scalar to the host several tim
 step (`if accept_step`, `while next_t > t1`, the assertions, Python's `max` in the tuple
 and adjoint norms), and each copy waits for the GPU to finish. With the option
 `steps_per_sync` = K > 1 (the default on CUDA: `STEPS_PER_SYNC`), steps run in
-blocks of K with the accept/reject decision, the next step size and the interpolation
+blocks of K (the first as long as the last like solve took: `_steps_last_taken`) with
+the accept/reject decision, the next step size and the interpolation
 data chosen on the device by `torch.where`, and the host looks once per block: whether
 the output time is reached, and whether the solve failed (with torchdiffeq's messages,
 which odenet.failures matches). Steps of a block after the solve has finished (or
@@ -52,7 +53,7 @@ from torchdiffeq._impl.rk_common import _RungeKuttaState
 
 PREFIX = "odenet_"
 # Steps per host synchronisation by device type; 1 where absent (on the CPU the host is the device).
-STEPS_PER_SYNC = {"cuda": 8}
+STEPS_PER_SYNC = {"cuda": 4}
 
 
 class _Pending(NamedTuple):
@@ -118,6 +119,12 @@ class _StepRecord:
                 setattr(owner, attribute, getattr(owner, attribute) - 1)
         self.counted = []
 
+
+# A block's steps after the solve is done are wasted evaluations, and a training solve takes
+# only a few steps (~3 forward, ~5 backward for the study's ODEnet): so the first block of a
+# solve is as long as the last solve of the same solver and state shape took (the next
+# training batch's), and only the blocks after it are steps_per_sync long.
+_steps_last_taken: dict[tuple, int] = {}
 
 _open_step: contextvars.ContextVar[_StepRecord | None] = contextvars.ContextVar("odenet_solver_step", default=None)
 
@@ -265,13 +272,16 @@ class _StageListRungeKutta:
         cause = torch.zeros((), dtype=torch.int64, device=y.device)  # 1 underflow, 2 non-finite state
         failed_dt = dt
         norm = _without_host_max(self.norm)
-        exponent = torch.tensor(self.order, dtype=dt.dtype, device=dt.device).reciprocal()
+        # torch.full, not torch.tensor: a Python number copied to the GPU would synchronise
+        exponent = torch.full((), self.order, dtype=dt.dtype, device=dt.device).reciprocal()
         callbacks = [getattr(self.func, name) for name in ("callback_step", "callback_accept_step",
                                                             "callback_reject_step")]
         replay = any(callback is not _null_callback for callback in callbacks)
+        like_this = (type(self), y.shape, y.dtype, y.device)
+        block = _steps_last_taken.get(like_this, self.steps_per_sync)
         while True:
             records, flags, visited = [], [], []
-            for _ in range(self.steps_per_sync):
+            for _ in range(block):
                 record = _StepRecord()
                 token = _open_step.set(record)
                 try:
@@ -317,6 +327,8 @@ class _StageListRungeKutta:
                 break
             assert steps_taken < self.max_num_steps, 'max_num_steps exceeded ({}>={})'.format(
                 steps_taken, self.max_num_steps)
+            block = self.steps_per_sync
+        _steps_last_taken[like_this] = max(steps_taken, 1)
         self.rk_state = _RungeKuttaState(y, f, t_start, t, dt, pending)
 
     @staticmethod
