@@ -29,10 +29,12 @@ the output time is reached, and whether the solve failed (with torchdiffeq's mes
 which odenet.failures matches). Steps of a block after the solve has finished (or
 failed) are no-ops: they evaluate f but change nothing. NFE counts them as the
 synchronising loop would, i.e. not at all: an ODE function that counts its evaluations
-through `count` and `vjp_counter` has those of no-op steps taken back at the block's end,
-and a direct backward pass counts vector-Jacobian products only through accepted steps
-(the rejected and no-op ones sit in the graph behind `torch.where` with zero gradient).
-K = 1 is the synchronising loop itself, unchanged: the default on the CPU.
+(and the vector-Jacobian products of the adjoint's backward solve) through `count` and
+`vjp_counter` has those of no-op steps taken back at the block's end. A solve that
+records a graph (direct backpropagation) keeps the synchronising loop: through
+`torch.where` every rejected and no-op step would stay in the graph, with a zero gradient
+that turns NaN (0 x inf) where a rejected trial step overflowed. K = 1 is the
+synchronising loop itself, unchanged: the default on the CPU.
 """
 
 from __future__ import annotations
@@ -105,15 +107,14 @@ def steps_per_sync(device_type: str, steps: int) -> Iterator[None]:
 class _StepRecord:
     """One step of a block: the counts its evaluations made, until the host knows whether it ran."""
 
-    __slots__ = ("counted", "ran", "accepted")
+    __slots__ = ("counted", "ran")
 
     def __init__(self):
         self.counted: list[tuple[Any, str]] = []
         self.ran: bool | None = None
-        self.accepted: bool | None = None
 
-    def settle(self, ran: bool, accepted: bool) -> None:
-        self.ran, self.accepted = ran, accepted
+    def settle(self, ran: bool) -> None:
+        self.ran = ran
         if not ran:
             for owner, attribute in self.counted:
                 setattr(owner, attribute, getattr(owner, attribute) - 1)
@@ -139,15 +140,12 @@ def count(owner: Any, attribute: str) -> None:
 
 
 def vjp_counter(owner: Any, attribute: str) -> Callable[[torch.Tensor], None]:
-    """A gradient hook for an evaluation's output that counts one vector-Jacobian product in
-    owner.attribute as the synchronising loop would: while its step is open (the adjoint's
-    backward solve), like an evaluation; after (direct backpropagation), only through accepted
-    steps, the only ones torchdiffeq's graph holds."""
+    """A gradient hook for an evaluation's output: owner.attribute += 1 per vector-Jacobian
+    product, taken back, as `count`, if it is the adjoint's backward solve's in a no-op step."""
     step = _open_step.get()
 
     def hook(grad: torch.Tensor) -> None:
-        if step is None or step.ran is None or step.accepted:
-            setattr(owner, attribute, getattr(owner, attribute) + 1)
+        setattr(owner, attribute, getattr(owner, attribute) + 1)
         if step is not None and step.ran is None:
             step.counted.append((owner, attribute))  # the step, not the context: autograd may run this elsewhere
     return hook
@@ -246,7 +244,9 @@ class _StageListRungeKutta:
         return _RungeKuttaState(y_next, f_next, t0, t_next, dt_next, interp_coeff)
 
     def _advance(self, next_t):
-        if self.steps_per_sync > 1:
+        y, f, _, _, dt, _ = self.rk_state
+        records_graph = torch.is_grad_enabled() and (y.requires_grad or f.requires_grad or dt.requires_grad)
+        if self.steps_per_sync > 1 and not records_graph:
             if next_t > self.rk_state.t1:
                 self._advance_in_blocks(next_t)
         else:
@@ -317,7 +317,7 @@ class _StageListRungeKutta:
             *step_flags, still_active, steps_taken, failure = torch.stack(
                 [x.to(torch.int64) for x in (*flags, active, n_steps, cause)]).tolist()
             for i, record in enumerate(records):
-                record.settle(bool(step_flags[2 * i]), bool(step_flags[2 * i + 1]))
+                record.settle(bool(step_flags[2 * i]))
             if replay:
                 self._replay_callbacks(callbacks, visited, step_flags, failure)
             # The same messages as torchdiffeq: odenet.failures recognises them.

@@ -3,7 +3,8 @@
 In float64 the rounding differences vanish, so the same steps, NFE, states and
 gradients must come out to ~1e-12; in float32 the two differ only by rounding. The same
 holds with several steps per host synchronisation (steps_per_sync = 4, the GPU path, run
-here on the CPU): NFE counts only the steps torchdiffeq takes.
+here on the CPU; direct backpropagation keeps one step per sync): NFE counts only the
+steps torchdiffeq takes.
 """
 
 import functools
@@ -17,6 +18,7 @@ from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from odenet.models import CountedDynamics, block_function
+from odenet import solvers as odenet_solvers
 from odenet.solvers import FAST_SOLVERS, fast_method
 
 STEPS_PER_SYNC = (1, 4)
@@ -109,6 +111,18 @@ def test_several_steps_per_sync_take_the_synchronising_loops_steps_exactly(metho
     torch.testing.assert_close(recorded[1][2], solved, rtol=1e-8, atol=1e-10)
     for name in (3, 4):
         assert torch.equal(recorded[name][1], recorded[1][1]) and torch.equal(recorded[name][2], recorded[1][2])
+
+
+@pytest.mark.parametrize("backprop, in_blocks", [("adjoint", True), ("seminorm", True), ("direct", False)])
+def test_only_solves_that_record_no_graph_run_in_blocks(backprop, in_blocks, monkeypatch):
+    """Direct backpropagation keeps one step per sync: through torch.where, rejected steps would
+    stay in its graph (a zero gradient, NaN where a trial step overflowed)."""
+    used = []
+    original = odenet_solvers._StageListRungeKutta._advance_in_blocks
+    monkeypatch.setattr(odenet_solvers._StageListRungeKutta, "_advance_in_blocks",
+                        lambda self, next_t: used.append(torch.is_grad_enabled()) or original(self, next_t))
+    solve(fast_method("dopri5"), backprop, steps_per_sync=4)
+    assert bool(used) == in_blocks and not any(used)  # the adjoint's forward and backward solves
 
 
 FAILURES = {
