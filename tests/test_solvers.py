@@ -7,6 +7,7 @@ here on the CPU; direct backpropagation keeps one step per sync): NFE counts onl
 steps torchdiffeq takes.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -15,6 +16,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchdiffeq import odeint, odeint_adjoint
 
 from odenet.models import CountedDynamics, block_function
@@ -184,6 +186,51 @@ def test_events_are_found_where_torchdiffeq_finds_them():
     assert 0 < float(t_fast) < 1
 
 
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (bool(), item(), tolist(): aten's
+    _local_scalar_dense), each of which on a GPU waits for it to finish."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_and_steps(tol, steps_per_sync, backprop, device="cpu", counter=HostReads):
+    """Host reads of a solve of dz/dt = -z^3 + sin(5 t) and its steps (the backward solve's, for
+    the adjoint)."""
+    func = Recorded()
+    z0 = torch.linspace(-3, 3, 64, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.tensor([0.0, 3.0], dtype=torch.float64, device=device)
+    kwargs = dict(method=fast_method("dopri5"), rtol=tol, atol=tol, options={"steps_per_sync": steps_per_sync})
+    if backprop == "adjoint":
+        z1 = odeint_adjoint(func, z0, t, adjoint_params=(), **kwargs)[-1]
+    with counter() as reads:
+        if backprop == "adjoint":
+            z1.sum().backward()
+        else:
+            odeint(func, z0.detach(), t, **kwargs)
+    return reads.count, len(func.backward_steps if backprop == "adjoint" else func.steps)
+
+
+def assert_one_read_per_block(steps_per_sync, backprop, **where):
+    """A tighter tolerance takes more steps: the reads grow by one per block of them, where
+    one step per sync reads at every step (which shows that the counter sees the reads)."""
+    loose, tight = (host_reads_and_steps(tol, steps_per_sync, backprop, **where) for tol in (1e-4, 1e-9))
+    assert tight[1] - loose[1] >= 60, (loose, tight)  # steps
+    assert tight[0] - loose[0] <= math.ceil((tight[1] - loose[1]) / steps_per_sync) + 2, (loose, tight)
+    every_step = host_reads_and_steps(1e-9, 1, backprop, **where)
+    assert every_step[0] >= every_step[1]
+
+
+@pytest.mark.parametrize("backprop", ["adjoint", "forward"])
+def test_the_host_reads_once_per_block_of_steps_not_per_step(backprop):
+    assert_one_read_per_block(8, backprop)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: the host synchronisations it removes are the GPU's")
 
@@ -198,57 +245,24 @@ def test_on_cuda_several_steps_per_sync_give_torchdiffeqs_numbers(backprop):
     torch.testing.assert_close(fast[1], stock[1], rtol=1e-10, atol=1e-12)
 
 
-def synchronisations_and_steps(tol, steps_per_sync, backprop):
-    """Host synchronisations (torch.cuda's sync debug mode warns at each) and steps of a CUDA solve
-    (the backward solve's for the adjoint)."""
-    func = Recorded()
-    z0 = torch.linspace(-3, 3, 64, dtype=torch.float64, device="cuda", requires_grad=True)
-    t = torch.tensor([0.0, 3.0], dtype=torch.float64, device="cuda")
-    kwargs = dict(method=fast_method("dopri5"), rtol=tol, atol=tol, options={"steps_per_sync": steps_per_sync})
-    if backprop == "adjoint":
-        z1 = odeint_adjoint(func, z0, t, adjoint_params=(), **kwargs)[-1]
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+class CudaSynchronisations(contextlib.AbstractContextManager):
+    """Counts the host's waits for the GPU: torch.cuda's sync debug mode warns at each."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self._caught = warnings.catch_warnings(record=True)
+        self.warnings = self._caught.__enter__()
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        try:
-            if backprop == "adjoint":
-                z1.sum().backward()
-            else:
-                odeint(func, z0.detach(), t, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    synchronisations = sum("synchroniz" in str(warning.message) for warning in caught)
-    return synchronisations, len(func.backward_steps if backprop == "adjoint" else func.steps)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        self._caught.__exit__(*exc)
+        self.count = sum("synchroniz" in str(warning.message) for warning in self.warnings)
 
 
 @needs_cuda
 @pytest.mark.parametrize("backprop", ["adjoint", "forward"])
 def test_on_cuda_the_host_waits_once_per_block_of_steps_not_per_step(backprop):
-    """A tighter tolerance takes more steps: the synchronisations grow by one per 8 of them."""
-    loose, tight = (synchronisations_and_steps(tol, 8, backprop) for tol in (1e-4, 1e-9))
-    assert tight[1] - loose[1] >= 40, (loose, tight)  # steps
-    assert tight[0] - loose[0] <= math.ceil((tight[1] - loose[1]) / 8) + 2, (loose, tight)
-    # the synchronising loop waits at every step: what the count above would have caught
-    every_step = synchronisations_and_steps(1e-9, 1, backprop)
-    assert every_step[0] >= every_step[1]
-
-
-def test_gpu_path_benchmark_runs_on_the_cpu_and_reports_its_fields(real_data_dir, capsys):
-    """bench/gpu_path.py at width 4 on a few images: both variants, the same training (so the same
-    NFE), and the FLOP count from the block's convolution: 2 x (4+2)*9*(4+2) x 14*14 per evaluation."""
-    from bench import gpu_path
-
-    assert gpu_path.main(["--device", "cpu", "--data-dir", str(real_data_dir), "--width", "4", "--subset", "20",
-                          "--batch-size", "8", "--epochs", "1", "--steps-per-sync", "4", "--peak-tflops", "1"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [row["steps_per_sync"] for row in rows] == [1, 4]
-    assert [row["variant"] for row in rows] == ["synchronising", "device-side"]
-    conv_flop = 2 * 6 * 9 * 6 * 14 * 14
-    for row in rows:
-        assert row["images"] == 16 and row["width"] == 4 and row["images_per_s"] > 0
-        assert row["conv_gflop_per_evaluation"] == pytest.approx(conv_flop / 1e9)
-        assert row["gflop_per_image"] == pytest.approx(conv_flop * (row["fnfe"] + 3 * row["bnfe"]) / 1e9)
-        assert row["fraction_of_peak"] == pytest.approx(row["tflop_per_s"])
-        assert row["fnfe"] > 6 and row["bnfe"] > 6
-    assert (rows[0]["fnfe"], rows[0]["bnfe"]) == (rows[1]["fnfe"], rows[1]["bnfe"])
+    assert_one_read_per_block(8, backprop, device="cuda", counter=CudaSynchronisations)
