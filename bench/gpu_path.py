@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from odenet.config import RunConfig
-from odenet.models import Classifier, build
+from odenet.models import Classifier
 from odenet.solvers import steps_per_sync
 from odenet.train import fit, resolve_device
 

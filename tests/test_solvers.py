@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchdiffeq import odeint, odeint_adjoint
 
-from odenet.models import CountedDynamics, block_function
 from odenet import solvers as odenet_solvers
+from odenet.models import CountedDynamics, block_function
 from odenet.solvers import FAST_SOLVERS, fast_method
 
 STEPS_PER_SYNC = (1, 4)
@@ -266,3 +266,23 @@ class CudaSynchronisations(contextlib.AbstractContextManager):
 @pytest.mark.parametrize("backprop", ["adjoint", "forward"])
 def test_on_cuda_the_host_waits_once_per_block_of_steps_not_per_step(backprop):
     assert_one_read_per_block(8, backprop, device="cuda", counter=CudaSynchronisations)
+
+
+def test_gpu_path_benchmark_runs_on_the_cpu_and_reports_its_fields(real_data_dir, capsys):
+    """bench/gpu_path.py at width 4 on a few images: both variants, the same training (so the same
+    NFE), and the FLOP count from the block's convolution: 2 x (4+2)*9*(4+2) x 14*14 per evaluation."""
+    from bench import gpu_path
+
+    assert gpu_path.main(["--device", "cpu", "--data-dir", str(real_data_dir), "--width", "4", "--subset", "20",
+                          "--batch-size", "8", "--epochs", "1", "--steps-per-sync", "4", "--peak-tflops", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["steps_per_sync"] for row in rows] == [1, 4]
+    assert [row["variant"] for row in rows] == ["synchronising", "device-side"]
+    conv_flop = 2 * 6 * 9 * 6 * 14 * 14
+    for row in rows:
+        assert row["images"] == 16 and row["width"] == 4 and row["images_per_s"] > 0
+        assert row["conv_gflop_per_evaluation"] == pytest.approx(conv_flop / 1e9)
+        assert row["gflop_per_image"] == pytest.approx(conv_flop * (row["fnfe"] + 3 * row["bnfe"]) / 1e9)
+        assert row["fraction_of_peak"] == pytest.approx(row["tflop_per_s"])
+        assert row["fnfe"] > 6 and row["bnfe"] > 6
+    assert (rows[0]["fnfe"], rows[0]["bnfe"]) == (rows[1]["fnfe"], rows[1]["bnfe"])
