@@ -278,7 +278,8 @@ class _StageListRungeKutta:
                                                             "callback_reject_step")]
         replay = any(callback is not _null_callback for callback in callbacks)
         like_this = (type(self), y.shape, y.dtype, y.device)
-        block = _steps_last_taken.get(like_this, self.steps_per_sync)
+        # at most 8 blocks' worth: a solve that ran out of steps says little about the next one
+        block = min(_steps_last_taken.get(like_this, self.steps_per_sync), 8 * self.steps_per_sync)
         while True:
             records, flags, visited = [], [], []
             for _ in range(block):
