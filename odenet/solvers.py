@@ -186,12 +186,15 @@ class _StageListRungeKutta:
         if len(self.step_t) or len(self.jump_t):
             raise ValueError(f"{type(self).__name__} has no step_t/jump_t support; use torchdiffeq's "
                              f"{type(self).__mro__[2].__name__}")
-        table = self.tableau
-        self._alpha = table.alpha.tolist()
-        self._beta = [b.tolist() for b in table.beta]
-        self._c_sol = table.c_sol.tolist()
-        self._c_error = table.c_error.tolist()
-        self._mid = self.mid.tolist()
+        # The class's tableau, on the CPU, rounded to the state's dtype as torchdiffeq's copy on the
+        # state's device is: reading that one would wait for a GPU.
+        dtype = self.y0.dtype
+        table, mid = type(self).tableau, type(self).mid
+        self._alpha = table.alpha.to(dtype).tolist()
+        self._beta = [b.to(dtype).tolist() for b in table.beta]
+        self._c_sol = table.c_sol.to(dtype).tolist()
+        self._c_error = table.c_error.to(dtype).tolist()
+        self._mid = mid.to(dtype).tolist()
         # True for Dormand-Prince and Bogacki-Shampine: the last stage's input is the solution.
         self._last_stage_is_solution = self._c_sol[-1] == 0 and self._c_sol[:-1] == self._beta[-1]
 
