@@ -21,7 +21,7 @@ solver name to its registered name.
 On a GPU, torchdiffeq's step loop copies a device scalar to the host several times per
 step (`if accept_step`, `while next_t > t1`, the assertions, Python's `max` in the tuple
 and adjoint norms), and each copy waits for the GPU to finish. With the option
-`steps_per_sync` = K > 1 (the default on CUDA: `STEPS_PER_SYNC`), steps run in
+`steps_per_sync` = K > 1 (or a device's entry in `STEPS_PER_SYNC`), steps run in
 blocks of K (the first as long as the last like solve took: `_steps_last_taken`) with
 the accept/reject decision, the next step size and the interpolation
 data chosen on the device by `torch.where`, and the host looks once per block: whether
@@ -55,7 +55,9 @@ from torchdiffeq._impl.rk_common import _RungeKuttaState
 
 PREFIX = "odenet_"
 # Steps per host synchronisation by device type; 1 where absent (on the CPU the host is the device).
-STEPS_PER_SYNC = {"cuda": 4}
+# Empty, so off everywhere, until a GPU run of bench/gpu_path.py shows the device-side loop
+# faster than the synchronising one; then {"cuda": 4}. Tested on the CPU only so far.
+STEPS_PER_SYNC: dict[str, int] = {}
 
 
 class _Pending(NamedTuple):
