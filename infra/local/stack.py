@@ -62,7 +62,7 @@ SECRETS = ("access_key", "secret_key", "username", "password", "pg_password", "f
 
 
 class AlreadyRunning(StackError):
-    pass
+    """`up` in a folder whose stack is running."""
 
 
 class Stack:
