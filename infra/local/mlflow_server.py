@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from infra.local.service import HOST, REGION, Service, StackError, venv_command
+from infra.local.service import HOST, REGION, Service, venv_command
 
 
 class MlflowServer(Service):
@@ -22,13 +22,8 @@ class MlflowServer(Service):
         postgres = self.stack.postgres
         return postgres.uri if postgres else f"sqlite:///{self.stack.dir / 'mlflow.db'}"
 
-    def start(self) -> None:
-        """Start the server (again) on the same port and backend store; returns once /health answers."""
-        if self.alive():
-            return
-        mlflow = venv_command("mlflow")
-        if mlflow is None:
-            raise StackError("the `mlflow` command is missing: use the project's .venv")
+    def _start(self) -> None:
+        mlflow = venv_command("mlflow", "use the project's .venv")
         stack, port = self.stack, self.port
         args = [mlflow, "server", "--host", HOST, "--port", str(port), "--workers", str(stack.workers),
                 "--backend-store-uri", self.backend_store_uri,

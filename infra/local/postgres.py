@@ -37,10 +37,8 @@ class Postgres(Service):
         """The SQLAlchemy URI of the `mlflow` database; the password goes in PGPASSWORD."""
         return f"postgresql+psycopg2://mlflow@{HOST}:{self.port}/mlflow"  # SQLAlchemy 2.1 defaults to psycopg 3
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """initdb a cluster (once), start it, create the `mlflow` database (once)."""
-        if self.alive():
-            return
         password = self.stack.pg_password
         self._let_postgres_in()
         if not (self.data / "PG_VERSION").exists():

