@@ -1,4 +1,4 @@
-"""Pytest fixtures for the real local tracking stack (infra/local/stack.py): SeaweedFS as S3
+"""Pytest fixtures for the real local tracking stack (infra/local/): SeaweedFS as S3
 and an MLflow server with basic auth, on free ports in a temporary folder.
 
     tracking_stack  (session) the running Stack: .env, .tracking_uri, .credentials, .bucket,

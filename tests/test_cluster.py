@@ -23,7 +23,7 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from infra.local.stack import free_port
+from infra.local.ports import free_port
 from tests.conftest import REPO, isolation, table_rows
 from tests.test_sweep import CHEAP
 

@@ -1,4 +1,4 @@
-"""The local tracking stack itself (infra/local/stack.py): it comes up, answers, keeps
+"""The local tracking stack itself (infra/local/): it comes up, answers, keeps
 artifacts in the bucket and runs across restarts, refuses bad credentials, and `down`
 leaves no process behind; with SQLite (the session fixture) and PostgreSQL; from Python
 and from the command line."""
@@ -18,7 +18,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from infra.local.stack import DEFAULT_PORTS, GRPC_OFFSET, WEED_GRPC, Stack, free_port, group_members, postgres_bin
+from infra.local.ports import DEFAULT_PORTS, GRPC_OFFSET, WEED_GRPC, free_port
+from infra.local.postgres import postgres_bin
+from infra.local.service import group_members
+from infra.local.stack import Stack
 
 pytestmark = pytest.mark.stack
 
@@ -158,7 +161,7 @@ def test_the_postgres_backend_logs_runs_and_down_leaves_no_process(tmp_path):
         stack.up()
         status = stack.status()
         assert all(s["healthy"] for s in status.values()) and set(status) == {"store", "postgres", "tracking"}
-        assert stack.backend_store_uri().startswith("postgresql+psycopg2://")
+        assert stack.tracking.backend_store_uri.startswith("postgresql+psycopg2://")
         client = MlflowClient(tracking_uri=stack.tracking_uri)
         experiment_id, run_id = log_run_with_artifact(client, "stack-pg", tmp_path)
         assert client.get_run(run_id).data.metrics == {"val_acc": 0.5}
