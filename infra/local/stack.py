@@ -53,6 +53,8 @@ try:
 except ImportError as exc:  # pragma: no cover - only without the project's environment
     sys.exit(f"stack.py needs boto3, requests and psutil ({exc}): use the project's .venv")
 
+from odenet import envvars  # noqa: E402  (stack.sh puts the repository on PYTHONPATH)
+
 #: The well-known ports, used unless told otherwise. iceberg and lance are S3-side
 #: catalog servers that `weed mini` always starts.
 DEFAULT_PORTS = {
@@ -669,10 +671,10 @@ def main(argv: list[str] | None = None) -> int:
                     ports[name] = getattr(args, f"{name}_port")
             stack = Stack(args.dir, backend=args.backend, auth=args.auth, ports=ports, bucket=args.bucket,
                           prefix=args.prefix, workers=args.workers,
-                          access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
-                          secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-                          username=os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or None,
-                          password=os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") or None)
+                          access_key=os.environ.get(envvars.ACCESS_KEY_ID) or None,
+                          secret_key=os.environ.get(envvars.SECRET_ACCESS_KEY) or None,
+                          username=os.environ.get(envvars.STACK_ADMIN_USERNAME) or None,
+                          password=os.environ.get(envvars.STACK_ADMIN_PASSWORD) or None)
             try:
                 seconds = stack.up()
             except AlreadyRunning:

@@ -6,4 +6,4 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="$here/../../.venv/bin/python"
 [ -x "$python" ] || python=python3
-exec "$python" "$here/stack.py" "$@"
+PYTHONPATH="$here/../..${PYTHONPATH:+:$PYTHONPATH}" exec "$python" "$here/stack.py" "$@"
