@@ -55,6 +55,8 @@ class Tracker(Protocol):
 
 
 class NoTracker:
+    """Reports nowhere: `execute` without a tracker."""
+
     def start(self, config, resume_run_id, history=()):
         return resume_run_id
 
@@ -134,10 +136,10 @@ def load_logged_run(run_id: str, data_dir: str | None = None, device: str | None
         saved = load_checkpoint(client().download_artifacts(run_id, BEST_CHECKPOINT, folder))
     given = {"data_dir": data_dir, "device": device, "test_subset": test_subset}
     config = RunConfig.from_dict({**saved["config"], **{k: v for k, v in given.items() if v is not None}})
-    device = resolve_device(config.device)
-    model = build(config).to(device)
+    on = resolve_device(config.device)
+    model = build(config).to(on)
     model.load_state_dict(saved["model"])
-    return config, model, data.load(config, device), saved["best_epoch"]
+    return config, model, data.load(config, on), saved["best_epoch"]
 
 
 def evaluate_logged_run(run_id: str, data_dir: str | None = None, device: str = "auto",
