@@ -45,9 +45,9 @@ def format_epoch(m, max_epochs: int) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from odenet import tracking
     from odenet.failures import Diverged
     from odenet.run import execute
+    from odenet.tracker import MlflowTracker
     from odenet.train import CHECKPOINT_FILE
 
     config = config_from_args(args)
@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError([f"--resume: nothing to resume, no {CHECKPOINT_FILE} in {checkpoint_dir.resolve()}; "
                            f"pass the --checkpoint-dir of the run to continue" if args.checkpoint_dir else
                            "--resume needs the --checkpoint-dir of the run to continue (runs/MODEL-TIME)"])
-    tracker = tracking.MlflowTracker.from_environment(experiment=args.experiment, run_name=args.run_name)
+    tracker = MlflowTracker.from_environment(experiment=args.experiment, run_name=args.run_name)
     print(f"run: {config.model} on {config.dataset}, checkpoints in {checkpoint_dir}", flush=True)
     try:
         outcome = execute(config, checkpoint_dir=checkpoint_dir, tracker=tracker,
@@ -99,10 +99,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from odenet import tracking
+    from odenet.run import evaluate_logged_run
 
-    print(tracking.evaluate_logged_run(args.run_id, data_dir=args.data_dir, device=args.device,
-                                       test_subset=args.test_subset))
+    print(evaluate_logged_run(args.run_id, data_dir=args.data_dir, device=args.device,
+                              test_subset=args.test_subset))
     return 0
 
 

@@ -1,25 +1,31 @@
-"""One whole run: train, evaluate on the test set, re-evaluate the solver, report.
+"""One whole run: train, evaluate on the test set, re-evaluate the solver, report; and a
+logged run's test evaluation repeated from its best checkpoint (`odenet evaluate --run-id`).
 
 `execute` is what `odenet train` and every Ray Tune trial call. Reporting goes
-through a `Tracker` (MLflow in practice), so this module knows nothing of where
+through a `Tracker` (MLflow in practice), so `execute` knows nothing of where
 results end up.
 """
 
 from __future__ import annotations
 
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import pandas as pd
 
+from odenet import data
+from odenet.artifacts import BEST_CHECKPOINT
 from odenet.config import RunConfig
 from odenet.evaluate import TestReport, evaluate, reevaluate
 from odenet.failures import Diverged, solver_failures
-from odenet.models import SolverSettings
+from odenet.models import Classifier, SolverSettings, build
 from odenet.summary import reevaluation_metrics, summarize
-from odenet.train import CHECKPOINT_FILE, EpochCallback, EpochMetrics, FitResult, fit, load_checkpoint
+from odenet.tracking import check_server, client
+from odenet.train import (CHECKPOINT_FILE, EpochCallback, EpochMetrics, FitResult, fit, load_checkpoint,
+                          resolve_device)
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Tracker(Protocol):
 
 
 class NoTracker:
+    """Reports nowhere: `execute` without a tracker."""
+
     def start(self, config, resume_run_id, history=()):
         return resume_run_id
 
@@ -93,13 +101,13 @@ def execute(
         if on_epoch is not None:
             on_epoch(metrics, checkpoint)
 
-    extra: dict[str, Any] = {"tracking_run_id": run_id} if run_id else {}
     try:
-        fitted = fit(config, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir, checkpoint_extra=extra)
+        fitted = fit(config, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir,
+                     checkpoint_extra={"tracking_run_id": run_id} if run_id else {})
         evaluation = SolverSettings.for_evaluation(config)
         with solver_failures(fitted.history[-1].epoch if fitted.history else 0, None), \
                 fitted.model.solving_with(evaluation):
-            report = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
+            test_report = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
         reevaluation = None
         if config.is_ode and config.reevaluate:
             reevaluation = reevaluate(fitted.model, fitted.data.test, evaluation, config.batch_size)
@@ -114,6 +122,37 @@ def execute(
     except BaseException:
         tracker.abort()  # interrupted (Ctrl-C): KILLED, resumable
         raise
-    outcome = RunOutcome(config, fitted, report, reevaluation)
+    outcome = RunOutcome(config, fitted, test_report, reevaluation)
     tracker.finish(outcome)
     return outcome
+
+
+def load_logged_run(run_id: str, data_dir: str | None = None, device: str | None = None,
+                    test_subset: int | None = None) -> tuple[RunConfig, Classifier, data.DataSplits, int]:
+    """(config, model with its best weights, data splits, best epoch) of a run logged in MLflow;
+    the arguments given replace those of the run's config."""
+    check_server()
+    with tempfile.TemporaryDirectory() as folder:
+        saved = load_checkpoint(client().download_artifacts(run_id, BEST_CHECKPOINT, folder))
+    given = {"data_dir": data_dir, "device": device, "test_subset": test_subset}
+    config = RunConfig.from_dict({**saved["config"], **{k: v for k, v in given.items() if v is not None}})
+    on = resolve_device(config.device)
+    model = build(config).to(on)
+    model.load_state_dict(saved["model"])
+    return config, model, data.load(config, on), saved["best_epoch"]
+
+
+def evaluate_logged_run(run_id: str, data_dir: str | None = None, device: str = "auto",
+                        test_subset: int | None = None) -> str:
+    """Load a run's best checkpoint back from MLflow and repeat its test evaluation."""
+    config, model, splits, best_epoch = load_logged_run(run_id, data_dir=data_dir, device=device,
+                                                        test_subset=test_subset)
+    test_report = evaluate(model, splits.test, splits.class_names, config.batch_size)
+    logged = client().get_run(run_id).data.metrics.get("test_acc")
+    lines = [f"run {run_id} ({config.model} on {config.dataset}, best epoch {best_epoch})",
+             f"test accuracy {test_report.accuracy:.4f}  test loss {test_report.loss:.4f}  "
+             f"test fnfe {test_report.fnfe:.1f}"]
+    if logged is not None:
+        lines.append(f"logged test accuracy {logged:.4f}")
+    lines.append(test_report.report_text)
+    return "\n".join(lines)

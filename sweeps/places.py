@@ -19,9 +19,8 @@ from pathlib import Path
 from odenet import envvars, tracking
 
 DEFAULT_STORAGE = "ray_results"
-# What Ray sets for the driver of a submitted job; the driver's working directory is
-# then an unpacked package named _ray_pkg_<hash> under the session's folder.
-RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# The driver of a submitted job runs in an unpacked package named _ray_pkg_<hash> under
+# the session's folder (and Ray sets envvars.RAY_JOB_CONFIG for it).
 RAY_PACKAGE_PREFIX = "_ray_pkg_"
 
 
@@ -31,7 +30,8 @@ class PlaceError(ValueError):
 
 def in_ray_job() -> bool:
     """True in the driver of a `ray job submit`, whose working directory Ray deletes later."""
-    return bool(os.environ.get(RAY_JOB_CONFIG)) or any(p.startswith(RAY_PACKAGE_PREFIX) for p in Path.cwd().parts)
+    return (bool(os.environ.get(envvars.RAY_JOB_CONFIG))
+            or any(p.startswith(RAY_PACKAGE_PREFIX) for p in Path.cwd().parts))
 
 
 def home() -> Path:
@@ -59,8 +59,8 @@ def settle(storage_path: str | None) -> Places:
     base = stable or Path.cwd()
     if stable is not None and tracking.is_embedded():
         _writable(stable, f"the embedded MLflow store of a submitted sweep goes to {stable}",
-                  f"set {envvars.HOME} to a folder it can write, or {tracking.TRACKING_URI} to a tracking server")
-        os.environ[tracking.TRACKING_URI] = f"sqlite:///{stable / tracking.EMBEDDED_DB}"
+                  f"set {envvars.HOME} to a folder it can write, or {envvars.TRACKING_URI} to a tracking server")
+        os.environ[envvars.TRACKING_URI] = f"sqlite:///{stable / tracking.EMBEDDED_DB}"
     given = storage_path or DEFAULT_STORAGE
     if given.startswith("s3://"):
         return Places(given, tracking.tracking_uri(), stable)

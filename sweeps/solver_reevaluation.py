@@ -18,6 +18,7 @@ import pandas as pd
 
 from odenet import tracking
 from odenet.config import ODE_MODELS
+from odenet.run import load_logged_run
 from odenet.stats import mean_interval
 from odenet.summary import reevaluation_metrics
 from sweeps.tuning import SweepError, main, worker_env
@@ -30,7 +31,7 @@ def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -
     from odenet.evaluate import reevaluate
     from odenet.models import SolverSettings
 
-    config, model, splits, _ = tracking.load_logged_run(run_id, data_dir=data_dir, test_subset=test_subset)
+    config, model, splits, _ = load_logged_run(run_id, data_dir=data_dir, test_subset=test_subset)
     table = reevaluate(model, splits.test, SolverSettings.of(config), config.batch_size)
     now = int(time.time() * 1000)
     metrics = [Metric(name, value, now, 0) for name, value in reevaluation_metrics(table).items()]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from odenet import envvars
+
 AUTH_MODE, AUTH_TOKEN = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"
 
 
@@ -28,7 +30,7 @@ def connection_problem(address: str | None) -> str | None:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    given = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    given = address or os.environ.get(envvars.RAY_API_SERVER_ADDRESS) or os.environ.get(envvars.RAY_ADDRESS)
     shown = f"at {given}" if given else "on this machine (no --address, RAY_API_SERVER_ADDRESS or RAY_ADDRESS given)"
     try:
         JobSubmissionClient(address)

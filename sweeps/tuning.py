@@ -20,9 +20,11 @@ from typing import Any, Callable, Sequence
 from odenet import envvars, tracking
 from odenet.config import ConfigError, RunConfig, read_settings_file
 from odenet.failures import Diverged
+from odenet.provenance import git_commit
 from odenet.report import SEARCH
 from odenet.run import execute
 from odenet.summary import summarize
+from odenet.tracker import IDENTITY_TAG, MlflowTracker
 from sweeps import naming, places
 
 # The one place the sweep's objective is named: the searcher, the scheduler and the
@@ -221,9 +223,9 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(work))
-    tracker = tracking.MlflowTracker(
+    tracker = MlflowTracker(
         experiment, run_name=context.get_trial_name(), parent_run_id=parent_run_id,
-        extra_tags={tracking.IDENTITY_TAG: context.get_trial_id(), "tune_trial_name": context.get_trial_name(),
+        extra_tags={IDENTITY_TAG: context.get_trial_id(), "tune_trial_name": context.get_trial_name(),
                     **tags},
     )
 
@@ -290,12 +292,12 @@ def storage(path: str):
         return str(Path(path).expanduser().resolve()), None
     import pyarrow.fs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    endpoint = os.environ.get(envvars.S3_ENDPOINT) or os.environ.get(envvars.MLFLOW_S3_ENDPOINT)
     options: dict[str, Any] = {}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         options.update(endpoint_override=host or scheme, scheme=scheme if host else "http")
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    region = os.environ.get(envvars.REGION) or os.environ.get(envvars.AWS_REGION)
     if region:
         options["region"] = region
     return path[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**options)
@@ -304,8 +306,8 @@ def storage(path: str):
 def worker_env() -> dict[str, str]:
     """The tracking, storage and data settings the driver sees, for every Ray worker: never
     a credential (envvars.SECRETS), which workers take from their own environment."""
-    names = (*envvars.TRACKING, *envvars.STORAGE, *envvars.DATA, "MLFLOW_S3_ENDPOINT_URL")
-    return {name: os.environ[name] for name in names if os.environ.get(name) and name not in envvars.SECRETS}
+    return {name: os.environ[name] for name in envvars.FOR_WORKERS
+            if os.environ.get(name) and name not in envvars.SECRETS}
 
 
 # -- MLflow: one parent run per sweep ----------------------------------------------------------------
@@ -325,7 +327,7 @@ def parent_run(experiment: str, sweep_name: str, params: dict[str, str], restori
             return runs[0].info.run_id
     run = c.create_run(experiment_id, run_name=sweep_name,
                        tags={"sweep_name": sweep_name, "sweep_role": "parent", "design": design,
-                             "git_commit": tracking.git_commit()})
+                             "git_commit": git_commit()})
     c.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
     return run.info.run_id
 
@@ -342,7 +344,7 @@ def trial_callback():
             try:
                 c = tracking.client()
                 found = c.get_experiment_by_name(self.experiment)
-                runs = c.search_runs([found.experiment_id], f"tags.{tracking.IDENTITY_TAG} = '{trial.trial_id}'",
+                runs = c.search_runs([found.experiment_id], f"tags.{IDENTITY_TAG} = '{trial.trial_id}'",
                                      max_results=1)
                 if not runs:
                     return
@@ -530,7 +532,7 @@ def cost(args: argparse.Namespace, base: RunConfig, sweep: Sweep):
 
 def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
     """Validate everything, start (or restore) the sweep, print and log the results table."""
-    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    on_cluster = bool(os.environ.get(envvars.RAY_ADDRESS))
     errors = (check_cells(sweep.cells, base) if sweep.cells is not None else check_space(sweep.space, base))
     errors += check_resources(args, on_cluster)
     if errors:
@@ -558,7 +560,7 @@ def run(args: argparse.Namespace, base: RunConfig, sweep: Sweep, program: str):
 
     # Tune's classic progress table, whose columns we choose (the newer output prints every
     # trial's whole config): see progress().
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault(envvars.RAY_AIR_NEW_OUTPUT, "0")
     import ray
     from ray import tune
 

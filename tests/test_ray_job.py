@@ -182,10 +182,11 @@ def test_naming_a_finished_or_unknown_sweep_says_so(checkout):
 
 
 def test_in_a_ray_job_the_embedded_defaults_move_to_odenet_home_and_explicit_places_stay(tmp_path, monkeypatch):
+    from odenet import envvars
     from sweeps import places
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(places.RAY_JOB_CONFIG, "{}")
+    monkeypatch.setenv(envvars.RAY_JOB_CONFIG, "{}")
     monkeypatch.setenv("ODENET_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     where = places.settle(None)
@@ -196,7 +197,7 @@ def test_in_a_ray_job_the_embedded_defaults_move_to_odenet_home_and_explicit_pla
     where = places.settle("s3://odenet/ray-results")
     assert (where.tracking_uri, where.storage_path) == ("http://mlflow:5000", "s3://odenet/ray-results")
     # outside a Ray job: the working directory, as before
-    monkeypatch.delenv(places.RAY_JOB_CONFIG)
+    monkeypatch.delenv(envvars.RAY_JOB_CONFIG)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     where = places.settle(None)
     assert where.storage_path == str(tmp_path / "ray_results") and where.stable_home is None

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from odenet import report, tracking
+from odenet import report
 from odenet.failures import Diverged
 from odenet.run import execute
+from odenet.tracker import MlflowTracker
 from odenet.train import EpochMetrics
 from sweeps.tuning import parent_run
 
@@ -35,7 +36,7 @@ def outcome(real_data_dir):
 def log_run(experiment, parent, outcome, changes, tags, accuracy=None, history=None, diverge=None):
     """One run through MlflowTracker, as a trial logs it: params, epochs, then finish or fail."""
     config = outcome.config.replace(**changes)
-    tracker = tracking.MlflowTracker(experiment, parent_run_id=parent, extra_tags=tags)
+    tracker = MlflowTracker(experiment, parent_run_id=parent, extra_tags=tags)
     tracker.start(config, None)
     for metrics in history or outcome.fitted.history:
         tracker.log_epoch(metrics)

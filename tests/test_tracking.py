@@ -11,9 +11,10 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from odenet import tracking
 from odenet.config import RunConfig
 from odenet.run import execute
+from odenet.tracker import MlflowTracker
+from odenet.tracking import TrackingError
 
 pytestmark = pytest.mark.stack
 
@@ -110,7 +111,7 @@ def test_artifact_uploads_wait_for_the_store(tracking_stack, tracking_env, tiny,
     config = tiny(model="odenet-simple", subset=128, max_epochs=1)
     tracking_stack.stop_store()
     threading.Timer(8, tracking_stack.start_store).start()
-    tracker = tracking.MlflowTracker(experiment="s3-outage")
+    tracker = MlflowTracker(experiment="s3-outage")
     execute(config, tracker=tracker)
     run = MlflowClient().get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
@@ -119,10 +120,10 @@ def test_artifact_uploads_wait_for_the_store(tracking_stack, tracking_env, tiny,
 
 def test_a_store_that_never_comes_back_fails_the_run_loudly(tracking_stack, tracking_env, tiny, monkeypatch):
     monkeypatch.setenv("ODENET_TRACKING_RETRY_S", "6")
-    tracker = tracking.MlflowTracker(experiment="s3-gone")
+    tracker = MlflowTracker(experiment="s3-gone")
     tracking_stack.stop_store()
     try:
-        with pytest.raises(tracking.TrackingError, match="uploading artifacts failed"):
+        with pytest.raises(TrackingError, match="uploading artifacts failed"):
             execute(tiny(max_epochs=1), tracker=tracker)
     finally:
         tracking_stack.start_store()
@@ -190,7 +191,7 @@ def test_the_embedded_store_needs_no_setup(tmp_path, real_data_dir, monkeypatch)
 def test_a_run_that_raises_is_failed_with_its_traceback_not_diverged(tracking_env, real_data_dir, tmp_path):
     config = RunConfig.from_dict(dict(dataset="fashion-mnist", data_dir=str(real_data_dir), model="resnet-small",
                                       width=4, subset=256, test_subset=100, max_epochs=2, device="cpu"))
-    tracker = tracking.MlflowTracker("raises")
+    tracker = MlflowTracker("raises")
 
     def bug(metrics, _path):
         assert metrics.epoch > 1, "a bug in the epoch callback"

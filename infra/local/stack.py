@@ -50,6 +50,7 @@ try:
 except ImportError as exc:  # pragma: no cover - only without the project's environment
     sys.exit(f"stack.py needs boto3, requests and psutil ({exc}): use the project's .venv")
 
+from odenet import envvars
 from infra.local.mlflow_server import MlflowServer
 from infra.local.ports import DEFAULT_PORTS, pick_ports
 from infra.local.postgres import Postgres
@@ -333,10 +334,10 @@ def _up(args: argparse.Namespace) -> int:
             ports[name] = getattr(args, f"{name}_port")
     stack = Stack(args.dir, backend=args.backend, auth=args.auth, ports=ports, bucket=args.bucket,
                   prefix=args.prefix, workers=args.workers,
-                  access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
-                  secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-                  username=os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or None,
-                  password=os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") or None)
+                  access_key=os.environ.get(envvars.ACCESS_KEY_ID) or None,
+                  secret_key=os.environ.get(envvars.SECRET_ACCESS_KEY) or None,
+                  username=os.environ.get(envvars.STACK_ADMIN_USERNAME) or None,
+                  password=os.environ.get(envvars.STACK_ADMIN_PASSWORD) or None)
     try:
         seconds = stack.up()
     except AlreadyRunning:
