@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from odenet.bench import parse_lever, write_section
+from bench.levers import parse_lever
+from bench.markdown import write_section
 from odenet.stats import Interval, mean_interval
 
 BASELINE = "odenet-simple:default"
-# bosh3 with direct backpropagation: the combination the epoch benchmark (odenet bench) timed.
+# bosh3 with direct backpropagation: the combination the epoch benchmark (python -m bench) timed.
 LEVERS = ("direct", "seminorm", "direct+bosh3", "direct+rk4@1", "direct+midpoint@1", "direct+rk4@1+kinetic",
           "direct+euler@1+kinetic@1")
 
@@ -98,8 +99,8 @@ def run(model_lever: str, seed: int, args: argparse.Namespace) -> SeedResult:
                                       data_dir=args.data_dir, reevaluate=False, **changes))
     fitted = fit(config)
     with fitted.model.solving_with(SolverSettings.for_evaluation(config)):
-        report = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
-    return SeedResult(report.accuracy, time_to_target(fitted.history, args.target),
+        test = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
+    return SeedResult(test.accuracy, time_to_target(fitted.history, args.target),
                       sum(m.epoch_time_s for m in fitted.history), len(fitted.history))
 
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.84, help="validation accuracy to reach")
-    parser.add_argument("--levers", default=",".join(LEVERS), help="odenet-simple levers (odenet/bench.py's atoms)")
+    parser.add_argument("--levers", default=",".join(LEVERS), help="odenet-simple levers (bench/levers.py's atoms)")
     parser.add_argument("--out", help="write the section into this BENCHMARKS.md")
     args = parser.parse_args(argv)
     configurations = ["resnet-small:default", BASELINE, *[f"odenet-simple:{lever}" for lever in args.levers.split(",")

@@ -1,4 +1,5 @@
-"""Test-set evaluation and the re-evaluation of ODE models with other solvers."""
+"""Evaluation: the one loop over a split (validation in training, the test set after it) and
+the re-evaluation of ODE models with other solvers."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class TestReport:
 
 @torch.no_grad()
 def predict(model: Classifier, split: Split, batch_size: int) -> Predictions:
+    """The model's class probabilities, mean loss and FNFE over a split, in eval mode."""
     model.eval()
     probabilities, loss_sum, nfe, batches = [], 0.0, 0, 0
     for x, y in split.batches(batch_size):
@@ -127,24 +129,21 @@ def _per_class(score, truth: np.ndarray, probability: np.ndarray) -> float:
     return float(score(truth, probability))
 
 
-def reevaluate(model: Classifier, split: Split, trained_with: SolverSettings, batch_size: int) -> pd.DataFrame:
-    """Accuracy and mean FNFE of an ODE model under each of the study's evaluation solvers.
+def reevaluate(model: Classifier, split: Split, solver: SolverSettings, batch_size: int) -> pd.DataFrame:
+    """Accuracy and mean FNFE of an ODE model under each of the study's evaluation solvers,
+    each a variation of the run's `solver` (whose tolerances apply where a row names none).
 
     A solver that fails on this model (underflow, too many steps) is a row with its cause,
     not an exception: it is one of the things this table exists to show.
     """
     rows = []
-    try:
-        for name, method, tol in REEVALUATION_SOLVERS:
-            solver = replace(trained_with, method=method, rtol=tol or trained_with.rtol, atol=tol or trained_with.atol)
-            model.set_solver(solver)
-            try:
-                with solver_failures(epoch=0, batch=None):
-                    p = predict(model, split, batch_size)
-                rows.append({"solver": name, "accuracy": p.accuracy, "fnfe": p.fnfe, "failure_cause": ""})
-            except Diverged as exc:
-                rows.append({"solver": name, "accuracy": float("nan"), "fnfe": float("nan"),
-                             "failure_cause": exc.cause})
-    finally:
-        model.set_solver(trained_with)
+    for name, method, tol in REEVALUATION_SOLVERS:
+        variation = replace(solver, method=method, rtol=tol or solver.rtol, atol=tol or solver.atol)
+        try:
+            with solver_failures(epoch=0, batch=None), model.solving_with(variation):
+                p = predict(model, split, batch_size)
+            rows.append({"solver": name, "accuracy": p.accuracy, "fnfe": p.fnfe, "failure_cause": ""})
+        except Diverged as exc:
+            rows.append({"solver": name, "accuracy": float("nan"), "fnfe": float("nan"),
+                         "failure_cause": exc.cause})
     return pd.DataFrame(rows)

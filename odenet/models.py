@@ -68,14 +68,15 @@ class ResidualBlock(nn.Module):
 
 @dataclass(frozen=True)
 class SolverSettings:
-    """How an ODE block integrates: method, tolerances, step size and backpropagation."""
+    """How an ODE block integrates: method, tolerances, step size and backpropagation; made from
+    a RunConfig (`of`, `for_evaluation`), whose fields hold the defaults."""
 
-    method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-3
-    step_size: float = 0.1
-    max_num_steps: int = 1000
-    adjoint: str = "adjoint"  # adjoint | seminorm | direct
+    method: str
+    rtol: float
+    atol: float
+    step_size: float
+    max_num_steps: int
+    adjoint: str  # adjoint | seminorm | direct
 
     @classmethod
     def of(cls, config: RunConfig) -> "SolverSettings":
@@ -228,15 +229,12 @@ class Classifier(nn.Module):
     def bnfe(self) -> int:
         return sum(b.dynamics.bnfe for b in self.ode_blocks)
 
-    def set_solver(self, solver: SolverSettings) -> None:
-        for block in self.ode_blocks:
-            block.solver = solver
-
     @contextlib.contextmanager
     def solving_with(self, solver: SolverSettings) -> Iterator[None]:
-        """Temporarily integrate with other solver settings (evaluation)."""
+        """Integrate with other solver settings inside the block (evaluation), then as before."""
         saved = [block.solver for block in self.ode_blocks]
-        self.set_solver(solver)
+        for block in self.ode_blocks:
+            block.solver = solver
         try:
             yield
         finally:

@@ -34,7 +34,7 @@ def test_one_seed_claims_nothing_and_a_target_never_reached_has_no_time():
     results = {BASELINE: seeds([0.8], 100.0), "one": seeds([0.8], 10.0)}
     assert compare(results).set_index("configuration").loc["one", "equal accuracy"] == "no"
     history = [EpochMetrics(epoch=i, train_loss=1, train_acc=0.5, val_loss=1, val_acc=v, fnfe=0, bnfe=0,
-                            epoch_time_s=2.0) for i, v in enumerate((0.5, 0.7, 0.85), start=1)]
+                            val_fnfe=0, epoch_time_s=2.0, val_time_s=0.5) for i, v in enumerate((0.5, 0.7, 0.85), start=1)]
     assert time_to_target(history, 0.8) == 6.0 and time_to_target(history, 0.9) is None
 
 
