@@ -87,6 +87,8 @@ def _header(measured: Measurements, device: torch.device, cores: int, wall_s: fl
 
 
 def _provenance(measured: Measurements, cores: int) -> list[str]:
+    sharing = [f"- **Sharing**: n processes at once, torch threads = {cores} cores / n each, "
+               f"{measured.settings.concurrency_epochs} epoch(s) each; img/s summed over the trials."]
     return [
         "## How it was measured",
         "",
@@ -105,8 +107,7 @@ def _provenance(measured: Measurements, cores: int) -> list[str]:
         f"- **Levers**: RunConfig settings (`settings`) on the defaults (dopri5 at 1e-3, adjoint); solver "
         f"levers validate with {EVAL_SOLVER}; regulariser weight {DEFAULT_REGULARISER_WEIGHT} unless given "
         f"after `@`; `acc gap`: val acc minus {RESNET_MODEL}'s default, in points.",
-        f"- **Sharing**: n processes at once, torch threads = {cores} cores / n each, "
-        f"{measured.settings.concurrency_epochs} epoch(s) each; img/s summed over the trials.",
+    ] + (sharing if measured.sharing else []) + [
         "- A measurement, not a test: nothing here passes or fails on a time.",
     ]
 

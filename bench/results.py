@@ -30,7 +30,6 @@ def summarise(result: dict[str, Any]) -> dict[str, float] | None:
     train_time = mean("epoch_time_s") - mean("val_time_s")
     return dict(
         epoch_time_s=mean("epoch_time_s"),
-        train_time_s=train_time,
         images_per_s=result["train_images"] / train_time if train_time > 0 else math.nan,
         fnfe=mean("fnfe"),
         bnfe=mean("bnfe"),

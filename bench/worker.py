@@ -65,8 +65,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     except Diverged as exc:
         error = f"diverged: {exc}"
     return dict(epochs=epochs, error=error, peak_mib=memory.peak_mib(), memory_method=memory.method,
-                train_images=len(data.train), val_images=len(data.val), threads=torch.get_num_threads(),
-                device=str(device))
+                train_images=len(data.train), val_images=len(data.val))
 
 
 class DataLoaderSplit(data_module.Split):
