@@ -67,7 +67,6 @@ class Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
     parser = argparse.ArgumentParser(
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure training cost on real FashionMNIST: each model by our loop and by a reference "
@@ -78,21 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
         "about 20 minutes on 2 CPU cores.",
         epilog="A lever is" + levers.__doc__.split("A lever is", 1)[1])
     parser.add_argument("--subset", type=int, help=f"first N FashionMNIST training images, 80/20 train/validation "
-                        f"(default {d['subset']}; --quick {QUICK['subset']})")
+                        f"(default {DEFAULTS['subset']}; --quick {QUICK['subset']})")
     parser.add_argument("--epochs", type=int, help=f"epochs E per run; accuracy is read after E "
-                        f"(default {d['epochs']}; --quick {QUICK['epochs']})")
+                        f"(default {DEFAULTS['epochs']}; --quick {QUICK['epochs']})")
     parser.add_argument("--repeats", type=int, help=f"interleaved repetitions, at least {MIN_REPEATS} "
-                        f"(default {d['repeats']})")
-    parser.add_argument("--width", type=int, help=f"model width C (default {d['width']}, the study's; "
+                        f"(default {DEFAULTS['repeats']})")
+    parser.add_argument("--width", type=int, help=f"model width C (default {DEFAULTS['width']}, the study's; "
                         f"--quick {QUICK['width']})")
-    parser.add_argument("--batch-size", type=int, help=f"batch size (default {d['batch_size']}; "
+    parser.add_argument("--batch-size", type=int, help=f"batch size (default {DEFAULTS['batch_size']}; "
                         f"--quick {QUICK['batch_size']})")
-    parser.add_argument("--models", help=f"comma-separated models (default {d['models']})")
-    parser.add_argument("--levers", help=f"comma-separated lever combinations, '' for none (default {d['levers']})")
+    parser.add_argument("--models", help=f"comma-separated models (default {DEFAULTS['models']})")
+    parser.add_argument("--levers", help=f"comma-separated lever combinations, '' for none "
+                        f"(default {DEFAULTS['levers']})")
     parser.add_argument("--concurrency", help=f"comma-separated numbers of trials sharing the machine, '' for "
-                        f"none (default {d['concurrency']})")
+                        f"none (default {DEFAULTS['concurrency']})")
     parser.add_argument("--concurrency-epochs", type=int, help=f"epochs per trial in the sharing measurements "
-                        f"(default {d['concurrency_epochs']})")
+                        f"(default {DEFAULTS['concurrency_epochs']})")
     parser.add_argument("--out", default="BENCHMARKS.md", help="markdown file the tables go to (default BENCHMARKS.md)")
     parser.add_argument("--data-dir", help="data folder (default $ODENET_DATA_DIR or ~/.cache/odenet/data)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -93,31 +93,32 @@ def predict(model: Classifier, split: Split, batch_size: int) -> Predictions:
 
 def evaluate(model: Classifier, split: Split, class_names: tuple[str, ...], batch_size: int) -> TestReport:
     """Accuracy, loss, confusion matrix, classification report, per-class AP and ROC AUC."""
-    p = predict(model, split, batch_size)
+    predictions = predict(model, split, batch_size)
     classes = list(range(len(class_names)))
-    report = classification_report(p.labels, p.predicted, labels=classes, target_names=list(class_names),
-                                   output_dict=True, zero_division=0)
-    onehot = np.eye(len(classes))[p.labels]
+    scores = classification_report(predictions.labels, predictions.predicted, labels=classes,
+                                   target_names=list(class_names), output_dict=True, zero_division=0)
+    onehot = np.eye(len(classes))[predictions.labels]
     per_class = pd.DataFrame(
         {
             "class": class_names,
-            "precision": [report[n]["precision"] for n in class_names],
-            "recall": [report[n]["recall"] for n in class_names],
-            "f1": [report[n]["f1-score"] for n in class_names],
-            "support": [int(report[n]["support"]) for n in class_names],
+            "precision": [scores[n]["precision"] for n in class_names],
+            "recall": [scores[n]["recall"] for n in class_names],
+            "f1": [scores[n]["f1-score"] for n in class_names],
+            "support": [int(scores[n]["support"]) for n in class_names],
             # AP and AUC are undefined for a class absent from the (sub)set: NaN, not an error.
-            "average_precision": [_per_class(average_precision_score, onehot[:, c], p.probabilities[:, c]) for c in classes],
-            "roc_auc": [_per_class(roc_auc_score, onehot[:, c], p.probabilities[:, c]) for c in classes],
+            "average_precision": [_per_class(average_precision_score, onehot[:, c], predictions.probabilities[:, c])
+                                  for c in classes],
+            "roc_auc": [_per_class(roc_auc_score, onehot[:, c], predictions.probabilities[:, c]) for c in classes],
         }
     )
     counts = parameter_counts(model)
     return TestReport(
-        accuracy=p.accuracy,
-        loss=p.loss,
-        fnfe=p.fnfe,
-        confusion=confusion_matrix(p.labels, p.predicted, labels=classes),
-        report_text=classification_report(p.labels, p.predicted, labels=classes, target_names=list(class_names),
-                                          digits=4, zero_division=0),
+        accuracy=predictions.accuracy,
+        loss=predictions.loss,
+        fnfe=predictions.fnfe,
+        confusion=confusion_matrix(predictions.labels, predictions.predicted, labels=classes),
+        report_text=classification_report(predictions.labels, predictions.predicted, labels=classes,
+                                          target_names=list(class_names), digits=4, zero_division=0),
         per_class=per_class,
         **counts,
     )
@@ -141,8 +142,9 @@ def reevaluate(model: Classifier, split: Split, solver: SolverSettings, batch_si
         variation = replace(solver, method=method, rtol=tol or solver.rtol, atol=tol or solver.atol)
         try:
             with solver_failures(epoch=0, batch=None), model.solving_with(variation):
-                p = predict(model, split, batch_size)
-            rows.append({"solver": name, "accuracy": p.accuracy, "fnfe": p.fnfe, "failure_cause": ""})
+                predictions = predict(model, split, batch_size)
+            rows.append({"solver": name, "accuracy": predictions.accuracy, "fnfe": predictions.fnfe,
+                         "failure_cause": ""})
         except Diverged as exc:
             rows.append({"solver": name, "accuracy": float("nan"), "fnfe": float("nan"),
                          "failure_cause": exc.cause})

@@ -177,10 +177,10 @@ class ODEBlock(nn.Module):
     def _solve(self, state):
         first = state[0] if isinstance(state, tuple) else state
         t = torch.tensor([0.0, self.final_time], device=first.device, dtype=first.dtype)
-        s = self.solver
-        kwargs = dict(rtol=s.rtol, atol=s.atol, method=fast_method(s.method), options=s.options)
-        if s.adjoint != "direct" and torch.is_grad_enabled():
-            adjoint_options = {**s.options, "norm": "seminorm"} if s.adjoint == "seminorm" else None
+        solver = self.solver
+        kwargs = dict(rtol=solver.rtol, atol=solver.atol, method=fast_method(solver.method), options=solver.options)
+        if solver.adjoint != "direct" and torch.is_grad_enabled():
+            adjoint_options = {**solver.options, "norm": "seminorm"} if solver.adjoint == "seminorm" else None
             return odeint_adjoint(self.dynamics, state, t, adjoint_options=adjoint_options,
                                   adjoint_params=tuple(self.dynamics.parameters()), **kwargs)
         return odeint(self.dynamics, state, t, **kwargs)

@@ -13,7 +13,7 @@ from odenet.train import CHECKPOINT_FILE, fit
 
 def test_a_tiny_run_lowers_the_loss(tiny):
     seen = []
-    result = fit(tiny(max_epochs=3, lr=3e-3), on_epoch=seen.append)
+    fit(tiny(max_epochs=3, lr=3e-3), on_epoch=seen.append)
     assert [m.epoch for m in seen] == [1, 2, 3]
     assert seen[-1].train_loss < seen[0].train_loss
     assert seen[-1].val_acc > 0.3  # ten classes: chance is 0.1
