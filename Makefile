@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Extra sweep flags for `make demo`, e.g. DEMO_ARGS="--num-samples 2 --max-epochs 1" for a quicker check.
 DEMO_ARGS ?=
 
-.PHONY: demo test venv system-packages checkov clean bench bench-tta
+.PHONY: demo test venv system-packages checkov clean bench bench-quick bench-tta
 
 venv: $(VENV)/.installed
 
@@ -46,7 +46,11 @@ demo: venv system-packages
 
 # The CPU section of BENCHMARKS.md (about 20 minutes on 2 cores; keep the machine otherwise idle).
 bench: venv system-packages
-	$(VENV)/bin/odenet bench --out BENCHMARKS.md
+	$(PY) -m bench --out BENCHMARKS.md
+
+# A check that the benchmark runs (about 2 minutes; numbers meaningless), into test-artifacts/, not BENCHMARKS.md.
+bench-quick: venv system-packages
+	$(PY) -m bench --quick --out test-artifacts/BENCHMARKS-quick.md
 
 # BENCHMARKS.md's time-to-accuracy section: every lever over 3 seeds to early stopping (about 30-40 minutes on 2 cores).
 bench-tta: venv system-packages

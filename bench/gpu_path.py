@@ -59,7 +59,7 @@ def measure(config: RunConfig, steps: int, peak_tflops: float | None) -> dict:
         fitted = fit(config)
     last = fitted.history[-1]
     # fit's epoch time includes validation; take it off where fit reports it
-    train_s = last.epoch_time_s - getattr(last, "val_time_s", 0.0)
+    train_s = last.epoch_time_s - last.val_time_s
     images_per_s = len(fitted.data.train) / train_s
     conv_flop = conv_flop_per_image(fitted.model, fitted.data.image_shape)
     backward_factor = 2 if config.adjoint == "direct" else 3

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from odenet.bench import parse_lever, write_section
+from bench.levers import parse_lever
+from bench.markdown import write_section
 from odenet.stats import Interval, mean_interval
 
 BASELINE = "odenet-simple:default"
-# bosh3 with direct backpropagation: the combination the epoch benchmark (odenet bench) timed.
+# bosh3 with direct backpropagation: the combination the epoch benchmark (python -m bench) timed.
 # seminorm is left out of the default list: per epoch it costs what the adjoint does (0.97x in
 # the epoch benchmark), so it has no time to save that this run could detect, at its full price.
 LEVERS = ("direct", "direct+bosh3", "direct+rk4@1", "direct+midpoint@1", "direct+rk4@1+kinetic",
@@ -118,14 +119,14 @@ def run(model_lever: str, seed: int, args: argparse.Namespace) -> SeedResult:
                                       data_dir=args.data_dir, reevaluate=False, **changes))
     epoch_ends = [time.process_time()]  # data loading, before the first epoch, is not counted
 
-    def on_epoch(*_) -> None:
+    def on_epoch(_metrics) -> None:
         epoch_ends.append(time.process_time())
 
     fitted = fit(config, on_epoch=on_epoch)
     cpu_s = tuple(end - start for start, end in zip(epoch_ends, epoch_ends[1:]))
     with fitted.model.solving_with(SolverSettings.for_evaluation(config)):
-        report = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
-    return SeedResult(report.accuracy, tuple(m.val_acc for m in fitted.history), cpu_s,
+        test = evaluate(fitted.model, fitted.data.test, fitted.data.class_names, config.batch_size)
+    return SeedResult(test.accuracy, tuple(m.val_acc for m in fitted.history), cpu_s,
                       sum(m.epoch_time_s for m in fitted.history))
 
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.82, help="validation accuracy to reach")
-    parser.add_argument("--levers", default=",".join(LEVERS), help="odenet-simple levers (odenet/bench.py's atoms)")
+    parser.add_argument("--levers", default=",".join(LEVERS), help="odenet-simple levers (bench/levers.py's atoms)")
     parser.add_argument("--out", help="write the section into this BENCHMARKS.md")
     args = parser.parse_args(argv)
     configurations = ["resnet-small:default", BASELINE, *[f"odenet-simple:{lever}" for lever in args.levers.split(",")

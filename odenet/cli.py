@@ -1,4 +1,4 @@
-"""The `odenet` command: train, describe, evaluate, report, bench."""
+"""The `odenet` command: train, describe, evaluate, report."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run: {config.model} on {config.dataset}, checkpoints in {checkpoint_dir}", flush=True)
     try:
         outcome = execute(config, checkpoint_dir=checkpoint_dir, tracker=tracker,
-                          on_epoch=lambda m, _: print(format_epoch(m, config.max_epochs), flush=True))
+                          on_epoch=lambda m: print(format_epoch(m, config.max_epochs), flush=True))
     except Diverged as exc:
         print(f"diverged: {exc.cause} at epoch {exc.epoch}"
               + (f", batch {exc.batch}" if exc.batch is not None else "") + f": {exc.detail}", file=sys.stderr)
@@ -113,12 +113,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from odenet import bench
-
-    return bench.main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odenet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,12 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR",
                         help="where report.md, the CSV tables and the PNG figures go (default: reports/EXPERIMENT)")
     report.set_defaults(func=cmd_report)
-
-    bench = sub.add_parser("bench", help="measure training speed against baselines; writes BENCHMARKS.md")
-    from odenet import bench as bench_module
-
-    bench_module.add_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Test-set evaluation and the re-evaluation of ODE models with other solvers."""
+"""Evaluation: the one loop over a split (validation in training, the test set after it) and
+the re-evaluation of ODE models with other solvers."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class TestReport:
 
 @torch.no_grad()
 def predict(model: Classifier, split: Split, batch_size: int) -> Predictions:
+    """The model's class probabilities, mean loss and FNFE over a split, in eval mode."""
     model.eval()
     probabilities, loss_sum, nfe, batches = [], 0.0, 0, 0
     for x, y in split.batches(batch_size):
@@ -91,31 +93,32 @@ def predict(model: Classifier, split: Split, batch_size: int) -> Predictions:
 
 def evaluate(model: Classifier, split: Split, class_names: tuple[str, ...], batch_size: int) -> TestReport:
     """Accuracy, loss, confusion matrix, classification report, per-class AP and ROC AUC."""
-    p = predict(model, split, batch_size)
+    predictions = predict(model, split, batch_size)
     classes = list(range(len(class_names)))
-    report = classification_report(p.labels, p.predicted, labels=classes, target_names=list(class_names),
-                                   output_dict=True, zero_division=0)
-    onehot = np.eye(len(classes))[p.labels]
+    scores = classification_report(predictions.labels, predictions.predicted, labels=classes,
+                                   target_names=list(class_names), output_dict=True, zero_division=0)
+    onehot = np.eye(len(classes))[predictions.labels]
     per_class = pd.DataFrame(
         {
             "class": class_names,
-            "precision": [report[n]["precision"] for n in class_names],
-            "recall": [report[n]["recall"] for n in class_names],
-            "f1": [report[n]["f1-score"] for n in class_names],
-            "support": [int(report[n]["support"]) for n in class_names],
+            "precision": [scores[n]["precision"] for n in class_names],
+            "recall": [scores[n]["recall"] for n in class_names],
+            "f1": [scores[n]["f1-score"] for n in class_names],
+            "support": [int(scores[n]["support"]) for n in class_names],
             # AP and AUC are undefined for a class absent from the (sub)set: NaN, not an error.
-            "average_precision": [_per_class(average_precision_score, onehot[:, c], p.probabilities[:, c]) for c in classes],
-            "roc_auc": [_per_class(roc_auc_score, onehot[:, c], p.probabilities[:, c]) for c in classes],
+            "average_precision": [_per_class(average_precision_score, onehot[:, c], predictions.probabilities[:, c])
+                                  for c in classes],
+            "roc_auc": [_per_class(roc_auc_score, onehot[:, c], predictions.probabilities[:, c]) for c in classes],
         }
     )
     counts = parameter_counts(model)
     return TestReport(
-        accuracy=p.accuracy,
-        loss=p.loss,
-        fnfe=p.fnfe,
-        confusion=confusion_matrix(p.labels, p.predicted, labels=classes),
-        report_text=classification_report(p.labels, p.predicted, labels=classes, target_names=list(class_names),
-                                          digits=4, zero_division=0),
+        accuracy=predictions.accuracy,
+        loss=predictions.loss,
+        fnfe=predictions.fnfe,
+        confusion=confusion_matrix(predictions.labels, predictions.predicted, labels=classes),
+        report_text=classification_report(predictions.labels, predictions.predicted, labels=classes,
+                                          target_names=list(class_names), digits=4, zero_division=0),
         per_class=per_class,
         **counts,
     )
@@ -127,24 +130,22 @@ def _per_class(score, truth: np.ndarray, probability: np.ndarray) -> float:
     return float(score(truth, probability))
 
 
-def reevaluate(model: Classifier, split: Split, trained_with: SolverSettings, batch_size: int) -> pd.DataFrame:
-    """Accuracy and mean FNFE of an ODE model under each of the study's evaluation solvers.
+def reevaluate(model: Classifier, split: Split, solver: SolverSettings, batch_size: int) -> pd.DataFrame:
+    """Accuracy and mean FNFE of an ODE model under each of the study's evaluation solvers,
+    each a variation of the run's `solver` (whose tolerances apply where a row names none).
 
     A solver that fails on this model (underflow, too many steps) is a row with its cause,
     not an exception: it is one of the things this table exists to show.
     """
     rows = []
-    try:
-        for name, method, tol in REEVALUATION_SOLVERS:
-            solver = replace(trained_with, method=method, rtol=tol or trained_with.rtol, atol=tol or trained_with.atol)
-            model.set_solver(solver)
-            try:
-                with solver_failures(epoch=0, batch=None):
-                    p = predict(model, split, batch_size)
-                rows.append({"solver": name, "accuracy": p.accuracy, "fnfe": p.fnfe, "failure_cause": ""})
-            except Diverged as exc:
-                rows.append({"solver": name, "accuracy": float("nan"), "fnfe": float("nan"),
-                             "failure_cause": exc.cause})
-    finally:
-        model.set_solver(trained_with)
+    for name, method, tol in REEVALUATION_SOLVERS:
+        variation = replace(solver, method=method, rtol=tol or solver.rtol, atol=tol or solver.atol)
+        try:
+            with solver_failures(epoch=0, batch=None), model.solving_with(variation):
+                predictions = predict(model, split, batch_size)
+            rows.append({"solver": name, "accuracy": predictions.accuracy, "fnfe": predictions.fnfe,
+                         "failure_cause": ""})
+        except Diverged as exc:
+            rows.append({"solver": name, "accuracy": float("nan"), "fnfe": float("nan"),
+                         "failure_cause": exc.cause})
     return pd.DataFrame(rows)

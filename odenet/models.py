@@ -68,14 +68,15 @@ class ResidualBlock(nn.Module):
 
 @dataclass(frozen=True)
 class SolverSettings:
-    """How an ODE block integrates: method, tolerances, step size and backpropagation."""
+    """How an ODE block integrates: method, tolerances, step size and backpropagation; made from
+    a RunConfig (`of`, `for_evaluation`), whose fields hold the defaults."""
 
-    method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-3
-    step_size: float = 0.1
-    max_num_steps: int = 1000
-    adjoint: str = "adjoint"  # adjoint | seminorm | direct
+    method: str
+    rtol: float
+    atol: float
+    step_size: float
+    max_num_steps: int
+    adjoint: str  # adjoint | seminorm | direct
 
     @classmethod
     def of(cls, config: RunConfig) -> "SolverSettings":
@@ -173,10 +174,10 @@ class ODEBlock(nn.Module):
     def _solve(self, state):
         first = state[0] if isinstance(state, tuple) else state
         t = torch.tensor([0.0, self.final_time], device=first.device, dtype=first.dtype)
-        s = self.solver
-        kwargs = dict(rtol=s.rtol, atol=s.atol, method=fast_method(s.method), options=s.options)
-        if s.adjoint != "direct" and torch.is_grad_enabled():
-            adjoint_options = {**s.options, "norm": "seminorm"} if s.adjoint == "seminorm" else None
+        solver = self.solver
+        kwargs = dict(rtol=solver.rtol, atol=solver.atol, method=fast_method(solver.method), options=solver.options)
+        if solver.adjoint != "direct" and torch.is_grad_enabled():
+            adjoint_options = {**solver.options, "norm": "seminorm"} if solver.adjoint == "seminorm" else None
             return odeint_adjoint(self.dynamics, state, t, adjoint_options=adjoint_options,
                                   adjoint_params=tuple(self.dynamics.parameters()), **kwargs)
         return odeint(self.dynamics, state, t, **kwargs)
@@ -225,15 +226,12 @@ class Classifier(nn.Module):
     def bnfe(self) -> int:
         return sum(b.dynamics.bnfe for b in self.ode_blocks)
 
-    def set_solver(self, solver: SolverSettings) -> None:
-        for block in self.ode_blocks:
-            block.solver = solver
-
     @contextlib.contextmanager
     def solving_with(self, solver: SolverSettings) -> Iterator[None]:
-        """Temporarily integrate with other solver settings (evaluation)."""
+        """Integrate with other solver settings inside the block (evaluation), then as before."""
         saved = [block.solver for block in self.ode_blocks]
-        self.set_solver(solver)
+        for block in self.ode_blocks:
+            block.solver = solver
         try:
             yield
         finally:

@@ -81,7 +81,7 @@ def resumed(checkpoint_dir: str | Path | None) -> tuple[str | None, list[dict]]:
     if checkpoint_dir is None or not (Path(checkpoint_dir) / CHECKPOINT_FILE).exists():
         return None, []
     saved = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
-    return saved.get("extra", {}).get("tracking_run_id"), list(saved.get("history", []))
+    return saved["metadata"].get("tracking_run_id"), list(saved["history"])
 
 
 def execute(
@@ -96,14 +96,14 @@ def execute(
     tracker = tracker or NoTracker()
     run_id = tracker.start(config, *resumed(checkpoint_dir))
 
-    def epoch_done(metrics: EpochMetrics, checkpoint: Path | None) -> None:
+    def epoch_done(metrics: EpochMetrics) -> None:
         tracker.log_epoch(metrics)
         if on_epoch is not None:
-            on_epoch(metrics, checkpoint)
+            on_epoch(metrics)
 
+    metadata: dict[str, Any] = {"tracking_run_id": run_id} if run_id else {}
     try:
-        fitted = fit(config, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir,
-                     checkpoint_extra={"tracking_run_id": run_id} if run_id else {})
+        fitted = fit(config, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir, checkpoint_metadata=metadata)
         evaluation = SolverSettings.for_evaluation(config)
         with solver_failures(fitted.history[-1].epoch if fitted.history else 0, None), \
                 fitted.model.solving_with(evaluation):

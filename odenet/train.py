@@ -2,7 +2,7 @@
 
 Per epoch it trains, validates, keeps the early-stopping state, writes a checkpoint
 that resumes the run exactly, and hands the epoch's metrics to a callback (where
-MLflow and Tune plug in). A solver that underflows or runs out of steps and a loss
+MLflow, Tune and the benchmark plug in). A solver that underflows or runs out of steps and a loss
 that stops being finite end the run as `Diverged`: a result, not a crash.
 """
 
@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from odenet import data as data_module
 from odenet import models
 from odenet.config import ConfigError, RunConfig
+from odenet.evaluate import predict
 from odenet.failures import Diverged, solver_failures
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -30,7 +31,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 @dataclass
 class EpochMetrics:
-    """What one epoch measured; fnfe/bnfe are means per training batch."""
+    """What one epoch measured: fnfe/bnfe are means per training batch, val_fnfe per validation
+    batch (with the evaluation solver); epoch_time_s is training plus validation, val_time_s the
+    validation alone."""
 
     epoch: int
     train_loss: float
@@ -39,7 +42,9 @@ class EpochMetrics:
     val_acc: float
     fnfe: float
     bnfe: float
+    val_fnfe: float
     epoch_time_s: float
+    val_time_s: float
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -75,11 +80,9 @@ class FitResult:
     history: list[EpochMetrics]
     best_epoch: int
     stopped_early: bool
-    device: torch.device
-    checkpoint_extra: dict[str, Any] = field(default_factory=dict)
 
 
-EpochCallback = Callable[[EpochMetrics, "Path | None"], None]
+EpochCallback = Callable[[EpochMetrics], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,12 +107,12 @@ def fit(
     *,
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: str | Path | None = None,
-    checkpoint_extra: dict[str, Any] | None = None,
+    checkpoint_metadata: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train until max_epochs or early stopping; resume from `checkpoint_dir` when it holds a checkpoint.
 
-    `checkpoint_extra` is stored in every checkpoint and comes back on resume (e.g. the
-    MLflow run id, so a resumed run continues its own tracking run).
+    `checkpoint_metadata` is stored in every checkpoint and kept on resume (e.g. the MLflow
+    run id, so a resumed run continues its own tracking run).
     """
     device = resolve_device(config.device)
     data = data if data is not None else data_module.load(config, device)
@@ -118,7 +121,7 @@ def fit(
     optimizer = make_optimizer(config, model)
     stopping = EarlyStopping(config.patience)
     history: list[EpochMetrics] = []
-    extra = dict(checkpoint_extra or {})
+    metadata = dict(checkpoint_metadata or {})
     start_epoch = 1
 
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
@@ -128,7 +131,7 @@ def fit(
         optimizer.load_state_dict(saved["optimizer"])
         stopping = EarlyStopping(config.patience, **saved["early_stopping"])
         history = [EpochMetrics(**m) for m in saved["history"]]
-        extra = {**saved.get("extra", {}), **extra}
+        metadata = {**saved["metadata"], **metadata}
         _set_rng_state(saved["rng"])
         start_epoch = saved["epoch"] + 1
 
@@ -139,13 +142,13 @@ def fit(
         stopping.update(epoch, metrics.val_loss, model)
         history.append(metrics)
         if path is not None:
-            save_checkpoint(path, config, epoch, model, optimizer, stopping, history, extra)
+            save_checkpoint(path, config, epoch, model, optimizer, stopping, history, metadata)
         if on_epoch is not None:
-            on_epoch(metrics, path)
+            on_epoch(metrics)
 
     if stopping.best_weights is not None:
         model.load_state_dict(stopping.best_weights)
-    return FitResult(model, data, history, stopping.best_epoch, stopping.should_stop, device, extra)
+    return FitResult(model, data, history, stopping.best_epoch, stopping.should_stop)
 
 
 def _run_epoch(config, model, optimizer, data, epoch, device) -> EpochMetrics:
@@ -173,39 +176,32 @@ def _run_epoch(config, model, optimizer, data, epoch, device) -> EpochMetrics:
         fnfe += forward_nfe
         bnfe += model.bnfe
         batches += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the training's queued kernels count as training time
+    validation_start = time.perf_counter()
     with solver_failures(epoch, None), model.solving_with(models.SolverSettings.for_evaluation(config)):
-        val_loss, val_acc = loss_and_accuracy(model, data.val, config.batch_size)
-    if not math.isfinite(val_loss):
-        raise Diverged("non_finite_loss", epoch, None, f"validation loss = {val_loss}")
+        validation = predict(model, data.val, config.batch_size)
+    if not math.isfinite(validation.loss):
+        raise Diverged("non_finite_loss", epoch, None, f"validation loss = {validation.loss}")
+    end = time.perf_counter()
     return EpochMetrics(
         epoch=epoch,
         train_loss=loss_sum / seen,
         train_acc=correct / seen,
-        val_loss=val_loss,
-        val_acc=val_acc,
+        val_loss=validation.loss,
+        val_acc=validation.accuracy,
         fnfe=fnfe / batches,
         bnfe=bnfe / batches,
-        epoch_time_s=time.perf_counter() - start,
+        val_fnfe=validation.fnfe,
+        epoch_time_s=end - start,
+        val_time_s=end - validation_start,
     )
-
-
-@torch.no_grad()
-def loss_and_accuracy(model: models.Classifier, split: data_module.Split, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a split, in eval mode."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for x, y in split.batches(batch_size):
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    model.train()
-    return loss_sum / len(split), correct / len(split)
 
 
 # -- checkpoints ------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, config, epoch, model, optimizer, stopping, history, extra) -> None:
+def save_checkpoint(path: Path, config, epoch, model, optimizer, stopping, history, metadata) -> None:
     """Write atomically: a run killed mid-write still resumes from the previous checkpoint."""
     state = {
         "config": config.to_dict(),
@@ -220,7 +216,7 @@ def save_checkpoint(path: Path, config, epoch, model, optimizer, stopping, histo
         },
         "history": [m.as_dict() for m in history],
         "rng": _rng_state(),
-        "extra": extra,
+        "metadata": metadata,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")

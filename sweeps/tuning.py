@@ -229,7 +229,7 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
                     **tags},
     )
 
-    def on_epoch(metrics, _path) -> None:
+    def on_epoch(metrics) -> None:
         # ASHA may stop this process as soon as the epoch is reported: its MLflow metrics go first.
         tracker.sent(timeout_s=METRICS_BEFORE_REPORT_S)
         tune.report({**metrics.as_dict(), "trial_status": "RUNNING"},

@@ -1,4 +1,4 @@
-"""`odenet bench`: a tiny run on real data writes every table; correctness only, no timing asserted."""
+"""`python -m bench`: a tiny run on real data writes every table; correctness only, no timing asserted."""
 
 import os
 import re
@@ -7,11 +7,15 @@ import sys
 
 import pytest
 
-from odenet import bench, cli
+from bench import settings
+from bench.__main__ import EXIT_BAD_INPUT, main
+from bench.levers import parse_lever
+from bench.markdown import write_section
+from bench.plan import plan
 
 
-def odenet(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "odenet.cli", *args], cwd=cwd, env=dict(os.environ),
+def python_m_bench(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=dict(os.environ),
                           capture_output=True, text=True, timeout=800)
 
 
@@ -28,7 +32,7 @@ def number(cell: str) -> float:
 
 
 def test_quick_run_writes_every_table_with_positive_numbers(tmp_path, real_data_dir):
-    result = odenet("bench", "--quick", "--out", "tmp/BENCH.md", "--data-dir", str(real_data_dir), cwd=tmp_path)
+    result = python_m_bench("--quick", "--out", "tmp/BENCH.md", "--data-dir", str(real_data_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     text = (tmp_path / "tmp" / "BENCH.md").read_text()
     assert text.startswith("<!-- odenet bench: cpu -->\n# Benchmarks on the CPU")
@@ -38,7 +42,7 @@ def test_quick_run_writes_every_table_with_positive_numbers(tmp_path, real_data_
     # header: machine, date, the command that reproduces the run
     assert "- Machine: " in text and " cores available" in text and "torch " in text
     assert re.search(r"- Date: \d{4}-\d{2}-\d{2}", text)
-    command = re.search(r"- Command: `(odenet bench [^`]*)`", text).group(1)
+    command = re.search(r"- Command: `(python -m bench [^`]*)`", text).group(1)
     assert "--quick" in command and "--repeats 3" in command and "--out tmp/BENCH.md" in command
 
     # the ratio lines
@@ -84,45 +88,44 @@ def test_quick_run_writes_every_table_with_positive_numbers(tmp_path, real_data_
         assert number(row["train img/s summed"]) > 0 and number(row["epoch s per trial"]) > 0
         assert number(row["threads each"]) >= 1
     assert "## How it was measured" in text and "Failed runs" not in text
+    assert "VmHWM after clear_refs" in text or "ru_maxrss" in text
 
 
 def test_levers_parse_to_run_settings():
-    lever = bench.parse_lever("direct+rk4@0.5+kinetic+jacobian@0.01")
+    lever = parse_lever("direct+rk4@0.5+kinetic+jacobian@0.01")
     assert lever.changes == {"adjoint": "direct", "solver": "rk4", "eval_solver": "dopri5", "step_size": 0.5,
                              "kinetic_energy": 0.1, "jacobian_norm": 0.01}
-    assert lever.ode_only and not lever.loader and lever.model is None
-    loader = bench.parse_lever("resnet-small:dataloader")
-    assert loader.loader and not loader.ode_only and loader.model == "resnet-small" and loader.changes == {}
-    assert bench.parse_lever("seminorm+bosh3").changes == {"adjoint": "seminorm", "solver": "bosh3",
+    assert lever.ode_only and not lever.dataloader and lever.model is None
+    loader = parse_lever("resnet-small:dataloader")
+    assert loader.dataloader and not loader.ode_only and loader.model == "resnet-small" and loader.changes == {}
+    assert parse_lever("seminorm+bosh3").changes == {"adjoint": "seminorm", "solver": "bosh3",
                                                           "eval_solver": "dopri5"}
     for bad, message in [("warp", "unknown atom"), ("dopri5@0.1", "fixed-step"), ("rk4@x", "a number"),
                          ("resnet-small:direct", "has none"), ("direct+", "empty atom")]:
         with pytest.raises(ValueError, match=message):
-            bench.parse_lever(bad)
+            parse_lever(bad)
 
 
 def test_plan_measures_levers_only_where_they_apply():
-    args = cli.build_parser().parse_args(["bench", "--levers", "dataloader,direct,odenet-simple:dataloader"])
-    cases, arrangements = bench.plan(bench.settings_from_args(args), cores=4)
+    cases, sharing = plan(settings.parse(["--levers", "dataloader,direct,odenet-simple:dataloader"]), cores=4)
     keys = [c.key for c in cases]
     assert keys == ["resnet-small/ours", "resnet-small/reference", "odenet-simple/ours", "odenet-simple/reference",
                     "resnet-small/dataloader", "odenet-simple/dataloader", "odenet-simple/direct"]
-    assert [(a.model, a.trials, a.threads) for a in arrangements] == [
+    assert [(s.model, s.trials, s.threads) for s in sharing] == [
         ("resnet-small", 1, 4), ("resnet-small", 2, 2), ("resnet-small", 4, 1),
         ("odenet-simple", 1, 4), ("odenet-simple", 2, 2), ("odenet-simple", 4, 1)]
 
 
 def test_gpu_levers_apply_to_every_model_and_join_the_defaults_on_cuda():
-    lever = bench.parse_lever("channels_last+bf16+compile")
+    lever = parse_lever("channels_last+bf16+compile")
     assert lever.changes == {"channels_last": True, "block_precision": "bf16", "compile_block": True}
     assert not lever.ode_only
-    cases, _ = bench.plan(bench.settings_from_args(
-        cli.build_parser().parse_args(["bench", "--levers", "bf16", "--concurrency", ""])), cores=2)
+    cases, _ = plan(settings.parse(["--levers", "bf16", "--concurrency", ""]), cores=2)
     assert [c.key for c in cases if c.lever == "bf16"] == ["resnet-small/bf16", "odenet-simple/bf16"]
-    on_gpu = bench.settings_from_args(cli.build_parser().parse_args(["bench", "--device", "cuda"]))
-    assert set(bench.GPU_LEVERS.split(",")) <= set(on_gpu.levers)
-    on_cpu = bench.settings_from_args(cli.build_parser().parse_args(["bench", "--device", "cpu"]))
-    assert not set(bench.GPU_LEVERS.split(",")) & set(on_cpu.levers)
+    on_gpu = settings.parse(["--device", "cuda"])
+    assert set(settings.GPU_LEVERS.split(",")) <= set(on_gpu.levers)
+    on_cpu = settings.parse(["--device", "cpu"])
+    assert not set(settings.GPU_LEVERS.split(",")) & set(on_cpu.levers)
 
 
 def test_reference_block_solves_with_torchdiffeq_and_counts_the_same_nfe():
@@ -131,7 +134,7 @@ def test_reference_block_solves_with_torchdiffeq_and_counts_the_same_nfe():
 
     from odenet import models
     from odenet.config import RunConfig
-    from odenet.reference import ReferenceODEBlock, use_reference_blocks
+    from bench.reference import ReferenceODEBlock, use_reference_blocks
 
     config = RunConfig(width=4)
     torch.manual_seed(0)
@@ -147,10 +150,10 @@ def test_reference_block_solves_with_torchdiffeq_and_counts_the_same_nfe():
 
 
 def test_bad_options_are_named_before_any_work(tmp_path, capsys):
-    code = cli.main(["bench", "--repeats", "2", "--models", "resnet-tiny", "--levers", "direct+warp",
-                     "--out", str(tmp_path / "B.md")])
+    code = main(["--repeats", "2", "--models", "resnet-tiny", "--levers", "direct+warp",
+                 "--out", str(tmp_path / "B.md")])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_BAD_INPUT
+    assert code == EXIT_BAD_INPUT
     assert "--repeats 2: expected at least 3" in err
     assert "--models 'resnet-tiny'" in err and "unknown atom 'warp'" in err
     assert not (tmp_path / "B.md").exists()
@@ -158,9 +161,9 @@ def test_bad_options_are_named_before_any_work(tmp_path, capsys):
 
 def test_cpu_and_gpu_runs_share_one_file_each_rewriting_its_own_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    bench.write_section(out, "cpu", "cpu tables, first run")
-    bench.write_section(out, "cuda", "gpu tables")
-    bench.write_section(out, "cpu", "cpu tables, second run")
+    write_section(out, "cpu", "cpu tables, first run")
+    write_section(out, "cuda", "gpu tables")
+    write_section(out, "cpu", "cpu tables, second run")
     text = out.read_text()
     assert "first run" not in text and text.count("second run") == 1 and text.count("gpu tables") == 1
     assert text.index("second run") < text.index("gpu tables")  # the cpu section stays where it was

@@ -22,6 +22,11 @@ STUDY_PARAMETERS = {
 }
 
 
+def solver(**run_settings) -> SolverSettings:
+    """The solver settings of a run with these RunConfig fields (the study's defaults otherwise)."""
+    return SolverSettings.of(RunConfig(**run_settings))
+
+
 @pytest.mark.parametrize("dataset, model", sorted(STUDY_PARAMETERS))
 def test_parameter_count_matches_the_study(dataset, model):
     counts = parameter_counts(build(RunConfig(dataset=dataset, model=model)))
@@ -92,21 +97,13 @@ def test_fixed_step_solvers_take_the_step_size():
     assert net.fnfe == 4 * 4  # four steps of four evaluations
 
 
-def test_solver_settings_can_be_swapped_for_evaluation():
-    net = build(RunConfig(model="odenet-simple", width=4))
-    net.set_solver(SolverSettings(method="euler", step_size=0.5))
-    with torch.no_grad():
-        net(torch.randn(2, 1, 28, 28))
-    assert net.fnfe == 2
-
-
 def test_underflow_in_dt_becomes_diverged():
     # dz/dt = z^2 from z(0) = 1 blows up at t = 1: dopri5 shrinks its step to nothing.
     class BlowUp(torch.nn.Module):
         def forward(self, z):
             return z * z
 
-    block = ODEBlock(BlowUp(), final_time=2.0, solver=SolverSettings(rtol=1e-6, atol=1e-6, max_num_steps=10**6))
+    block = ODEBlock(BlowUp(), final_time=2.0, solver=solver(rtol=1e-6, atol=1e-6, max_num_steps=10**6))
     with pytest.raises(Diverged) as err, solver_failures(epoch=3, batch=7):
         block(torch.ones(1, 1, 1, 1))
     assert err.value.cause == "underflow" and (err.value.epoch, err.value.batch) == (3, 7)
@@ -131,7 +128,7 @@ def test_regularisers_add_to_the_loss_and_reach_the_weights(adjoint):
 
 def test_evaluation_can_use_another_solver():
     net = build(RunConfig(model="odenet-simple", width=4, solver="rk4", step_size=0.5))
-    with net.solving_with(SolverSettings(method="euler", step_size=0.25)), torch.no_grad():
+    with net.solving_with(solver(solver="euler", step_size=0.25)), torch.no_grad():
         net(torch.randn(2, 1, 28, 28))
     assert net.fnfe == 4
     assert net.ode_blocks[0].solver.method == "rk4"
@@ -158,7 +155,7 @@ def test_too_many_steps_and_a_non_finite_state_become_diverged_and_other_asserti
         def forward(self, z):
             return 50 * torch.sin(20 * z)
 
-    block = ODEBlock(Fast(), final_time=1.0, solver=SolverSettings(rtol=1e-7, atol=1e-7, max_num_steps=3))
+    block = ODEBlock(Fast(), final_time=1.0, solver=solver(rtol=1e-7, atol=1e-7, max_num_steps=3))
     with pytest.raises(Diverged) as err, solver_failures(epoch=1, batch=2):
         block(torch.ones(1, 1, 1, 1))
     assert err.value.cause == "max_num_steps"
@@ -177,5 +174,5 @@ def test_too_many_steps_and_a_non_finite_state_become_diverged_and_other_asserti
             return z
 
     with pytest.raises(AssertionError, match="expected 3 channels") as err, solver_failures(epoch=1, batch=2):
-        ODEBlock(Buggy(), final_time=1.0, solver=SolverSettings())(torch.ones(1, 1, 1, 1))
+        ODEBlock(Buggy(), final_time=1.0, solver=solver())(torch.ones(1, 1, 1, 1))
     assert not isinstance(err.value, Diverged)

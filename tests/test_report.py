@@ -95,7 +95,7 @@ def test_one_at_a_time_report_finds_the_planted_effect_and_no_effect_where_none(
 def epochs(values):
     """A history whose validation accuracy is `values` per epoch (loss falling alongside)."""
     return [EpochMetrics(epoch=i + 1, train_loss=1.0, train_acc=v, val_loss=1.0 - v, val_acc=v, fnfe=20.0,
-                         bnfe=26.0, epoch_time_s=1.0) for i, v in enumerate(values)]
+                         bnfe=26.0, val_fnfe=20.0, epoch_time_s=1.0, val_time_s=0.1) for i, v in enumerate(values)]
 
 
 def test_search_report_compares_trials_at_one_budget(outcome, tracking_env, tmp_path):

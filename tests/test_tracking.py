@@ -193,7 +193,7 @@ def test_a_run_that_raises_is_failed_with_its_traceback_not_diverged(tracking_en
                                       width=4, subset=256, test_subset=100, max_epochs=2, device="cpu"))
     tracker = MlflowTracker("raises")
 
-    def bug(metrics, _path):
+    def bug(metrics):
         assert metrics.epoch > 1, "a bug in the epoch callback"
 
     with pytest.raises(AssertionError, match="a bug in the epoch callback"):

@@ -7,22 +7,24 @@ import torch
 
 from odenet.failures import Diverged
 from odenet.run import execute
-from odenet.train import CHECKPOINT_FILE, fit, loss_and_accuracy
+from odenet.evaluate import predict
+from odenet.train import CHECKPOINT_FILE, fit
 
 
 def test_a_tiny_run_lowers_the_loss(tiny):
     seen = []
-    result = fit(tiny(max_epochs=3, lr=3e-3), on_epoch=lambda m, _: seen.append(m))
+    fit(tiny(max_epochs=3, lr=3e-3), on_epoch=seen.append)
     assert [m.epoch for m in seen] == [1, 2, 3]
     assert seen[-1].train_loss < seen[0].train_loss
     assert seen[-1].val_acc > 0.3  # ten classes: chance is 0.1
-    assert all(m.fnfe == 0 and m.bnfe == 0 and m.epoch_time_s > 0 for m in seen)
+    assert all(m.fnfe == 0 and m.bnfe == 0 and m.val_fnfe == 0 for m in seen)
+    assert all(m.epoch_time_s > m.val_time_s > 0 for m in seen)
 
 
 def test_an_odenet_reports_forward_and_backward_nfe(tiny):
     result = fit(tiny(model="odenet-simple", max_epochs=1, subset=128))
     m = result.history[0]
-    assert m.fnfe >= 8 and m.bnfe >= 8
+    assert m.fnfe >= 8 and m.bnfe >= 8 and m.val_fnfe >= 8
 
 
 def test_early_stopping_fires_and_the_best_weights_come_back(tiny):
@@ -34,9 +36,9 @@ def test_early_stopping_fires_and_the_best_weights_come_back(tiny):
     best = min(history, key=lambda m: m.val_loss)
     assert result.best_epoch == best.epoch
     assert history[-1].epoch == best.epoch + config.patience
-    val_loss, val_acc = loss_and_accuracy(result.model, result.data.val, config.batch_size)
-    assert val_loss == pytest.approx(best.val_loss, rel=1e-6)
-    assert val_acc == pytest.approx(best.val_acc)
+    validation = predict(result.model, result.data.val, config.batch_size)
+    assert validation.loss == pytest.approx(best.val_loss, rel=1e-6)
+    assert validation.accuracy == pytest.approx(best.val_acc)
 
 
 def test_a_resumed_run_continues_exactly(tiny, tmp_path, monkeypatch):
@@ -48,14 +50,14 @@ def test_a_resumed_run_continues_exactly(tiny, tmp_path, monkeypatch):
     def resumed_from_epoch_2(folder):
         fit(config.replace(max_epochs=2), checkpoint_dir=folder)
         epochs = []
-        result = fit(config, checkpoint_dir=folder, on_epoch=lambda m, _: epochs.append(m.epoch))
+        result = fit(config, checkpoint_dir=folder, on_epoch=lambda m: epochs.append(m.epoch))
         assert epochs == [3]
         return result
 
     resumed = resumed_from_epoch_2(tmp_path / "split")
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
-    strip = lambda m: {k: v for k, v in m.as_dict().items() if k != "epoch_time_s"}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.as_dict().items() if k not in ("epoch_time_s", "val_time_s")}  # noqa: E731
     assert [strip(m) for m in whole.history] == [strip(m) for m in resumed.history]
 
     # the same resume without restoring the generators does not continue exactly
@@ -66,10 +68,10 @@ def test_a_resumed_run_continues_exactly(tiny, tmp_path, monkeypatch):
 
 
 def test_checkpoints_keep_what_resuming_needs(tiny, tmp_path):
-    fit(tiny(max_epochs=1), checkpoint_dir=tmp_path, checkpoint_extra={"tracking_run_id": "abc"})
+    fit(tiny(max_epochs=1), checkpoint_dir=tmp_path, checkpoint_metadata={"tracking_run_id": "abc"})
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
     assert {"model", "optimizer", "epoch", "early_stopping", "rng", "history", "config"} <= saved.keys()
-    assert saved["extra"] == {"tracking_run_id": "abc"} and saved["epoch"] == 1
+    assert saved["metadata"] == {"tracking_run_id": "abc"} and saved["epoch"] == 1
 
 
 def test_too_many_solver_steps_end_the_run_as_diverged(tiny):
