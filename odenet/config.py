@@ -1,8 +1,9 @@
 """The run configuration: one typed object, the only source of a run's settings.
 
-A `RunConfig` is built from CLI flags, from a plain dict (what a Ray Tune trial
-receives) or from a YAML/JSON file, and validated once, here, with a message that
-names every bad field, its value and what is allowed.
+A `RunConfig` is built from CLI flags (it declares its own: `add_arguments`,
+`from_args`), from a plain dict (what a Ray Tune trial receives) or from a YAML/JSON
+file, and validated once, here, with a message that names every bad field, its value
+and what is allowed.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class RunConfig:
         default=None,
     )
     kinetic_energy: float = _setting("weight of the kinetic-energy regulariser (Finlay et al. 2020)", default=0.0)
-    jacobian_norm: float = _setting("weight of the Jacobian Frobenius-norm regulariser (Finlay et al. 2020)", default=0.0)
+    jacobian_norm: float = _setting("weight of the Jacobian Frobenius-norm regulariser (Finlay et al. 2020)",
+                                    default=0.0)
     adjoint: str = _setting(
         "backpropagation: adjoint, seminorm (adjoint with seminorm error control) or direct",
         default="adjoint",
