@@ -284,7 +284,8 @@ def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]
           columns: Sequence[str] = (), parent_params: dict[str, str] | None = None) -> Sweep | None:
     """Check everything, then start the sweep (a new one or the unfinished one named again); with
     --estimate, print what it would cost instead and return None. `cells`: a designed list of
-    trials (sweeps/designs.py) over `space`, for which num_samples is 1."""
+    trials (sweeps/designs.py) over `space`; `num_samples`: 1 where a grid lists every trial
+    (default: --num-samples)."""
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     errors = check_cells(cells, base) if cells is not None else check_space(space, base)
     errors += check_resources(args, on_cluster)
