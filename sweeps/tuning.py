@@ -249,6 +249,7 @@ class Sweep:
                                   resume_errored=True, storage_filesystem=filesystem)
 
     def tune_config(self, search_alg=None, scheduler=None) -> tune.TuneConfig:
+        """The objective, the program's searcher and scheduler, and how many trials run, how many at once."""
         return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
                                num_samples=self.num_samples, max_concurrent_trials=self.max_concurrent,
                                # short trial names and folders: the settings are in the table and in
@@ -256,6 +257,7 @@ class Sweep:
                                trial_name_creator=trial_folder, trial_dirname_creator=trial_folder)
 
     def run_config(self) -> tune.RunConfig:
+        """Where Tune keeps the sweep, how it retries a trial, what it prints and who closes trial runs."""
         path, filesystem = self.where.tune_storage()
         return tune.RunConfig(
             name=self.name,
