@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -13,29 +12,6 @@ from odenet.config import ConfigError, RunConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
-
-
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field, generated from the dataclass: the fields are the one place."""
-    group = parser.add_argument_group("run configuration (defaults are the study's)")
-    group.add_argument("--config", metavar="FILE", help="YAML or JSON file of run settings; flags override it")
-    for f in fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
-        if str(f.type) == "bool":
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            # Values stay strings here: RunConfig.from_dict coerces and validates them all
-            # at once, so every bad flag is reported in one message.
-            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
-    if args.config:
-        return RunConfig.from_file(args.config, **given)
-    return RunConfig.from_dict(given)
 
 
 def format_epoch(m, max_epochs: int) -> str:
@@ -50,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from odenet.tracker import MlflowTracker
     from odenet.train import CHECKPOINT_FILE
 
-    config = config_from_args(args)
+    config = RunConfig.from_args(args)
     checkpoint_dir = Path(args.checkpoint_dir or Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (checkpoint_dir / CHECKPOINT_FILE).exists() and not args.resume:
         raise ConfigError([f"--checkpoint-dir {checkpoint_dir} already holds a run: pass --resume to "
@@ -77,13 +53,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def summary(outcome) -> str:
     from odenet.summary import summarize
 
-    r, fitted = outcome.report, outcome.fitted
+    test, fitted = outcome.report, outcome.fitted
     run = summarize([m.as_dict() for m in fitted.history])
     lines = [
         f"best epoch {run['best_epoch']} of {run['epochs']} (val acc {run['best_val_acc']:.4f})"
         + (" (early stopping)" if fitted.stopped_early else ""),
-        f"test accuracy {r.accuracy:.4f}  test loss {r.loss:.4f}  test fnfe {r.fnfe:.1f}",
-        f"parameters {r.params_total:,} in total, {r.params_outside_head:,} outside the head",
+        f"test accuracy {test.accuracy:.4f}  test loss {test.loss:.4f}  test fnfe {test.fnfe:.1f}",
+        f"parameters {test.params_total:,} in total, {test.params_outside_head:,} outside the head",
     ]
     if outcome.reevaluation is not None:
         lines.append("solver re-evaluation:")
@@ -94,7 +70,7 @@ def summary(outcome) -> str:
 def cmd_describe(args: argparse.Namespace) -> int:
     from odenet.models import build, describe
 
-    print(describe(build(config_from_args(args))))
+    print(describe(build(RunConfig.from_args(args))))
     return 0
 
 
@@ -118,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one run and log it to MLflow")
-    add_config_options(train)
+    RunConfig.add_arguments(train)
     train.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default runs/MODEL-TIME)")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir")
     train.add_argument("--experiment", default="odenet", help="MLflow experiment name (default: odenet)")
@@ -126,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     describe = sub.add_parser("describe", help="print a model's layers and parameter counts")
-    add_config_options(describe)
+    RunConfig.add_arguments(describe)
     describe.set_defaults(func=cmd_describe)
 
     evaluate = sub.add_parser("evaluate", help="re-run the test evaluation of a run logged in MLflow")

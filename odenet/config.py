@@ -1,16 +1,18 @@
 """The run configuration: one typed object, the only source of a run's settings.
 
-A `RunConfig` is built from CLI flags, from a plain dict (what a Ray Tune trial
-receives) or from a YAML/JSON file, and validated once, here, with a message that
-names every bad field, its value and what is allowed.
+A `RunConfig` is built from CLI flags (it declares its own: `add_arguments`,
+`from_args`), from a plain dict (what a Ray Tune trial receives) or from a YAML/JSON
+file, and validated once, here, with a message that names every bad field, its value
+and what is allowed.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,8 +36,9 @@ STRIDES = (1, 2)
 STEM_SETTINGS = {"stride": 2, "activation_before": "relu"}
 
 
-def _opt(help: str, **kw: Any) -> Any:
-    return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
+def _setting(help: str, default: Any) -> Any:
+    """A RunConfig field with its help text: the one place a setting, its default and its flag are declared."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -43,74 +46,75 @@ class RunConfig:
     """Every setting of one training run, with the study's defaults."""
 
     # data
-    dataset: str = _opt(f"data set: {', '.join(DATASETS)}", default="fashion-mnist")
-    data_dir: str | None = _opt(
+    dataset: str = _setting(f"data set: {', '.join(DATASETS)}", default="fashion-mnist")
+    data_dir: str | None = _setting(
         "data folder (torchvision layout); default $ODENET_DATA_DIR or ~/.cache/odenet/data",
         default=None,
     )
-    subset: int | None = _opt("train on the first N training images (the study used 10000)", default=None)
-    test_subset: int | None = _opt("evaluate on the first N test images (default: all)", default=None)
-    seed: int = _opt("seed of the weights and the batch order", default=0)
-    split_seed: int = _opt("seed of the 20% validation split; keep it fixed across a sweep", default=0)
+    subset: int | None = _setting("train on the first N training images (the study used 10000)", default=None)
+    test_subset: int | None = _setting("evaluate on the first N test images (default: all)", default=None)
+    seed: int = _setting("seed of the weights and the batch order", default=0)
+    split_seed: int = _setting("seed of the 20% validation split; keep it fixed across a sweep", default=0)
     # model
-    model: str = _opt(f"model: {', '.join(MODELS)}", default="odenet-simple")
-    width: int | None = _opt(
+    model: str = _setting(f"model: {', '.join(MODELS)}", default="odenet-simple")
+    width: int | None = _setting(
         "width: channels C of the simple models (default 64 for FashionMNIST, 256 for "
         "CIFAR-10), first-stage channels of the complex ones (default 64)",
         default=None,
     )
-    augment_dims: int = _opt(
+    augment_dims: int = _setting(
         "augmented zero channels A: concatenated after the stem (simple models), kept beside the image "
         "channels inside the block (complex models)",
         default=2,
     )
-    stride: int | None = _opt(
+    stride: int | None = _setting(
         "stride of the stem convolution: 1 or 2; simple models only (unset: 2), the complex ones have no stem",
         default=None,
     )
-    activation_before: str | None = _opt(
+    activation_before: str | None = _setting(
         f"activation before the block: {', '.join(ACTIVATIONS_BEFORE)}; simple models only (unset: relu), "
         "the complex ones have no stem",
         default=None,
     )
-    activation_inside: str = _opt(f"activation inside the block: {', '.join(ACTIVATIONS_INSIDE)}", default="relu")
-    norm: str = _opt(f"norm inside the block: {', '.join(NORMS)}", default="groupnorm")
+    activation_inside: str = _setting(f"activation inside the block: {', '.join(ACTIVATIONS_INSIDE)}", default="relu")
+    norm: str = _setting(f"norm inside the block: {', '.join(NORMS)}", default="groupnorm")
     # ODE solve
-    final_time: float = _opt("final time T_n of the ODE solve", default=1.0)
-    solver: str = _opt(f"torchdiffeq solver: {', '.join(SOLVERS)}", default="dopri5")
-    rtol: float = _opt("relative tolerance of adaptive solvers", default=1e-3)
-    atol: float = _opt("absolute tolerance of adaptive solvers", default=1e-3)
-    step_size: float = _opt("step size of fixed-step solvers", default=0.1)
-    max_num_steps: int = _opt("adaptive solvers give up after this many steps (a diverged trial)", default=1000)
-    eval_solver: str | None = _opt(
+    final_time: float = _setting("final time T_n of the ODE solve", default=1.0)
+    solver: str = _setting(f"torchdiffeq solver: {', '.join(SOLVERS)}", default="dopri5")
+    rtol: float = _setting("relative tolerance of adaptive solvers", default=1e-3)
+    atol: float = _setting("absolute tolerance of adaptive solvers", default=1e-3)
+    step_size: float = _setting("step size of fixed-step solvers", default=0.1)
+    max_num_steps: int = _setting("adaptive solvers give up after this many steps (a diverged trial)", default=1000)
+    eval_solver: str | None = _setting(
         "solver for validation and test when it differs from the training solver (e.g. train "
         "with rk4, evaluate with dopri5)",
         default=None,
     )
-    kinetic_energy: float = _opt("weight of the kinetic-energy regulariser (Finlay et al. 2020)", default=0.0)
-    jacobian_norm: float = _opt("weight of the Jacobian Frobenius-norm regulariser (Finlay et al. 2020)", default=0.0)
-    adjoint: str = _opt(
+    kinetic_energy: float = _setting("weight of the kinetic-energy regulariser (Finlay et al. 2020)", default=0.0)
+    jacobian_norm: float = _setting("weight of the Jacobian Frobenius-norm regulariser (Finlay et al. 2020)",
+                                    default=0.0)
+    adjoint: str = _setting(
         "backpropagation: adjoint, seminorm (adjoint with seminorm error control) or direct",
         default="adjoint",
     )
     # speed levers that leave the arithmetic of the model alone (GPU ones; see BENCHMARKS.md)
-    channels_last: bool = _opt("keep images and convolution weights channels-last (NHWC)", default=False)
-    block_precision: str = _opt(
+    channels_last: bool = _setting("keep images and convolution weights channels-last (NHWC)", default=False)
+    block_precision: str = _setting(
         "precision of the block function f: fp32, or bf16 autocast while the solver state stays fp32",
         default="fp32",
     )
-    compile_block: bool = _opt("torch.compile the block function f", default=False)
+    compile_block: bool = _setting("torch.compile the block function f", default=False)
     # optimisation
-    optimizer: str = _opt(f"optimizer: {', '.join(OPTIMIZERS)}", default="adam")
-    lr: float = _opt("learning rate", default=1e-3)
-    weight_decay: float = _opt("weight decay", default=0.0)
-    momentum: float = _opt("momentum of sgd", default=0.9)
-    batch_size: int = _opt("batch size", default=128)
-    max_epochs: int = _opt("most epochs to train", default=100)
-    patience: int = _opt("stop after this many epochs without a better validation loss", default=5)
+    optimizer: str = _setting(f"optimizer: {', '.join(OPTIMIZERS)}", default="adam")
+    lr: float = _setting("learning rate", default=1e-3)
+    weight_decay: float = _setting("weight decay", default=0.0)
+    momentum: float = _setting("momentum of sgd", default=0.9)
+    batch_size: int = _setting("batch size", default=128)
+    max_epochs: int = _setting("most epochs to train", default=100)
+    patience: int = _setting("stop after this many epochs without a better validation loss", default=5)
     # where
-    device: str = _opt("device: auto, cpu, cuda or cuda:N", default="auto")
-    reevaluate: bool = _opt("re-evaluate ODE models with other solvers after training", default=True)
+    device: str = _setting("device: auto, cpu, cuda or cuda:N", default="auto")
+    reevaluate: bool = _setting("re-evaluate ODE models with other solvers after training", default=True)
 
     def __post_init__(self) -> None:
         if not self.is_complex:
@@ -143,15 +147,32 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "RunConfig":
         """Load a YAML or JSON file; keyword overrides win over the file."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError([f"config file {str(path)!r}: {exc.strerror}"]) from None
-        values = load_mapping_text(text, path) or {}
-        if not isinstance(values, dict):
-            raise ConfigError([f"config file {str(path)!r}: expected a mapping of field names to values"])
-        return cls.from_dict({**values, **overrides})
+        return cls.from_dict({**_settings_in(path), **overrides})
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """--config FILE and one flag per field, generated from the dataclass: the fields are the one place."""
+        group = parser.add_argument_group("run configuration (defaults are the study's)")
+        group.add_argument("--config", metavar="FILE", help="YAML or JSON file of run settings; flags override it")
+        for f in fields(RunConfig):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else None
+            help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+            if str(f.type) == "bool":
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=help_text)
+            else:
+                # Values stay strings here: from_dict coerces and validates them all at once,
+                # so every bad flag is reported in one message.
+                group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> "RunConfig":
+        """The config of parsed flags: flags win over the --config file, which wins over `defaults`
+        (e.g. a sweep's --smoke sizes), which win over the study's."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+        in_file = _settings_in(args.config) if args.config else {}
+        return cls.from_dict({**(defaults or {}), **in_file, **given})
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict of every field: what MLflow logs as params and Tune passes to trials."""
@@ -245,6 +266,19 @@ class RunConfig:
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             errors.append(f"device={self.device!r}: expected one of auto, cpu, cuda, cuda:N")
         return errors
+
+
+def _settings_in(path: str | Path) -> dict[str, Any]:
+    """The mapping of settings in a YAML or JSON run file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"config file {str(path)!r}: {exc.strerror}"]) from None
+    values = load_mapping_text(text, path) or {}
+    if not isinstance(values, dict):
+        raise ConfigError([f"config file {str(path)!r}: expected a mapping of field names to values"])
+    return values
 
 
 def read_settings_file(path: str | Path, flag: str) -> Any:

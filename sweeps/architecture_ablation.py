@@ -24,11 +24,18 @@ import json
 import sys
 from typing import Sequence
 
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.hyperopt import HyperOptSearch
 
-from odenet.config import STEM_SETTINGS, read_settings_file
+from odenet.config import STEM_SETTINGS, RunConfig
 from odenet.report import ONE_AT_A_TIME, SEARCH
-from sweeps import designs
-from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, choice, loguniform, main, run
+from sweeps import designs, tuning
+from sweeps.space import (Dimension, SweepError, build_space, choice, complete_point, load_points, loguniform,
+                          point_problem)
+
+PROGRAM = "architecture_ablation"
 
 # The search space: every dimension the study varies, as declared once here.
 SEARCH_SPACE = {
@@ -65,79 +72,117 @@ STUDY_POINTS = [
      "norm": "groupnorm", "augment_dims": 2, "lr": 1e-3, "weight_decay": 1e-5, "optimizer": "adam"},
 ]
 
-# --smoke: the same code path, small enough for a 2-core CPU in a few minutes.
-SMOKE_CONFIG = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 3, "batch_size": 64}
-SMOKE_SWEEP = {"num_samples": 6, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2}
-SMOKE_DIMENSIONS = "activation_before"
+# --smoke: the same code path, small enough for a 2-core CPU in a few minutes; each value
+# stands in for a flag or run setting not given.
+SMOKE = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 3, "batch_size": 64,
+         "num_samples": 6, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2,
+         "dimensions": "activation_before"}
 
 
-def first_points(space, given: list[dict]) -> list[dict]:
+def architecture_ablation(argv: Sequence[str] | None = None):
+    """The search: HyperOptSearch behind a ConcurrencyLimiter, ASHA over epochs (or the one-at-a-time design)."""
+    args, base, space, points = prepare(argv)
+    if args.design == ONE_AT_A_TIME:
+        return one_at_a_time(args, base, space)
+    sweep = tuning.start(args, base, space, PROGRAM)
+    if sweep is None:  # --estimate printed the cost
+        return None
+    searcher = ConcurrencyLimiter(
+        HyperOptSearch(points_to_evaluate=points or None, random_state_seed=args.searcher_seed),
+        max_concurrent=args.max_concurrent)
+    # max_t beyond the last epoch: ASHA stops trials between rungs, while a trial that
+    # reaches max_epochs ends by itself and still evaluates on the test set.
+    scheduler = None if args.scheduler == "fifo" else ASHAScheduler(
+        time_attr="epoch", max_t=base.max_epochs + 1, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor)
+    if sweep.restoring:
+        tuner = sweep.restore()
+    else:
+        tuner = tune.Tuner(sweep.trainable,
+                           param_space={name: dim.to_tune() for name, dim in space.items()},
+                           tune_config=sweep.tune_config(search_alg=searcher, scheduler=scheduler),
+                           run_config=sweep.run_config())
+    return sweep.finish(tuner.fit())
+
+
+def one_at_a_time(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]):
+    """Every cell of a one-at-a-time ablation around the base point, each a trial trained to the same
+    budget and early stopping: no searcher, no scheduler."""
+    dimensions = designs.check_dimensions(space, args.dimensions)
+    base_point = {k: v for k, v in {**STUDY_SPEED_VALUES, **STUDY_POINTS[0]}.items() if k in space}
+    if args.base_file:
+        base_point.update(designs.base_from_file(args.base_file, space))
+    elif args.base_from_experiment:
+        best = designs.best_trial_settings(args.base_from_experiment, list(space), "--base-from-experiment")
+        base_point.update({name: designs.typed(space[name], value) for name, value in best.items()})
+    missing = [name for name in space if name not in base_point]
+    if missing:
+        raise SweepError([f"the base has no value for {', '.join(missing)}: give it in --base-file"])
+    seeds = [base.seed + i for i in range(args.seeds or 3)]
+    cells = designs.cells(space, base_point, dimensions, seeds)
+    sweep = tuning.start(args, base, space, PROGRAM, design=ONE_AT_A_TIME, cells=cells, num_samples=1,
+                         columns=("seed", "ablated_dimension"),
+                         parent_params={"dimensions": ",".join(dimensions), "seeds": str(len(seeds)),
+                                        "base_point": json.dumps(base_point)})
+    if sweep is None:  # --estimate printed the cost
+        return None
+    if sweep.restoring:
+        tuner = sweep.restore()
+    else:
+        tuner = tune.Tuner(sweep.trainable, param_space={"cell": tune.grid_search(cells)},
+                           tune_config=sweep.tune_config(), run_config=sweep.run_config())
+    return sweep.finish(tuner.fit())
+
+
+def first_points(space: dict[str, Dimension], given: list[dict]) -> list[dict]:
     """Points the searcher evaluates first: the user's (--points-file), then those of the
     study's own settings that lie inside the space. Dimensions fixed to one value are filled in."""
-    points = []
-    for point in given:
-        points.append(_complete(space, point))
+    points = [complete_point(space, point) for point in given]
     for point in STUDY_POINTS:
-        candidate = _complete(space, {k: v for k, v in {**STUDY_SPEED_VALUES, **point}.items() if k in space})
-        if _problem(space, candidate) is None and candidate not in points:
+        candidate = complete_point(space, {k: v for k, v in {**STUDY_SPEED_VALUES, **point}.items() if k in space})
+        if point_problem(space, candidate) is None and candidate not in points:
             points.append(candidate)
     return points
 
 
-def load_points(path: str | None, space) -> list[dict]:
-    """A YAML or JSON list of settings; every point must lie inside the space."""
-    if path is None:
-        return []
-    points = read_settings_file(path, "--points-file")
-    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-        raise SweepError([f"--points-file {path}: expected a list of mappings of dimension names to values"])
-    errors = [f"--points-file {path}: point {i + 1}: {problem}" for i, p in enumerate(points)
-              if (problem := _problem(space, _complete(space, p))) is not None]
+def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig, dict[str, Dimension], list[dict]]:
+    """The flags, the trials' base config, the space and the searcher's first points; every
+    problem with them reported before Ray starts."""
+    args, base = parse_args(argv)
+    declared = SEARCH_SPACE
+    if args.speed_levers:
+        declared = {**SEARCH_SPACE, **SPEED_SPACE}
+        if base.eval_solver is None:
+            base = base.replace(eval_solver=SPEED_EVAL_SOLVER)
+    if base.is_complex:
+        # The complex models have no stem: its settings leave the declared space (a --space
+        # that names them again is refused, as every setting the model would ignore).
+        declared = {k: v for k, v in declared.items() if k not in STEM_SETTINGS}
+    space = build_space(declared, args.space_file, args.space)
+    points = first_points(space, load_points(args.points_file, space))
+    errors = []
+    if args.grace_period < 1:
+        errors.append(f"--grace-period {args.grace_period}: expected at least 1")
+    if args.reduction_factor <= 1:
+        errors.append(f"--reduction-factor {args.reduction_factor:g}: expected a number > 1")
+    if args.design == SEARCH:
+        # --smoke's own --dimensions is for the one-at-a-time design only: not a flag given here
+        dimensions = None if args.smoke and args.dimensions == SMOKE["dimensions"] else args.dimensions
+        given = [flag for flag, value in (("--seeds", args.seeds), ("--dimensions", dimensions),
+                                          ("--base-file", args.base_file),
+                                          ("--base-from-experiment", args.base_from_experiment)) if value is not None]
+        if given:
+            errors.append(f"{', '.join(given)}: only for --design one-at-a-time")
+    elif args.seeds is not None and args.seeds < 1:
+        errors.append(f"--seeds {args.seeds}: expected at least 1")
     if errors:
         raise SweepError(errors)
-    return points
+    return args, base, space, points
 
 
-def _complete(space, point: dict) -> dict:
-    fixed = {name: dim.values[0] for name, dim in space.items() if dim.kind == "choice" and len(dim.values) == 1}
-    return {**fixed, **point}
-
-
-def _problem(space, point: dict) -> str | None:
-    """Why a point is not a point of the space, or None."""
-    for name, value in point.items():
-        if name not in space:
-            return f"{name!r} is not a searched dimension ({', '.join(space)})"
-        dim = space[name]
-        if dim.kind == "choice" and value not in dim.values:
-            return f"{name}={value!r} is not one of {dim.describe()}"
-        if dim.kind != "choice" and not dim.values[0] <= value <= dim.values[1]:
-            return f"{name}={value!r} lies outside {dim.describe()}"
-    missing = [name for name in space if name not in point]
-    return f"missing {', '.join(missing)}" if missing else None
-
-
-def tuner_parts(base, args):
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.hyperopt import HyperOptSearch
-
-    if args.design == ONE_AT_A_TIME:
-        return None, None  # every cell, trained to the same budget and early stopping
-    searcher = HyperOptSearch(points_to_evaluate=first_points(args.resolved_space, args.points) or None,
-                              random_state_seed=args.searcher_seed)
-    if args.scheduler == "fifo":
-        return ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent), None
-    # max_t beyond the last epoch: ASHA stops trials between rungs, while a trial that
-    # reaches max_epochs ends by itself and still evaluates on the test set.
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=base.max_epochs + 1, grace_period=args.grace_period,
-                              reduction_factor=args.reduction_factor)
-    return ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent), scheduler
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, default_name="architecture_ablation")
+    tuning.add_arguments(parser, PROGRAM)
     parser.add_argument("--design", choices=(SEARCH, ONE_AT_A_TIME), default=SEARCH,
                         help="search: HyperOptSearch + ASHA over the whole space, to find good settings (default); "
                              "one-at-a-time: vary one dimension at a time from a base over --seeds seeds, "
@@ -166,80 +211,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "Jacobian regulariser weights (validation and test stay dopri5)")
     parser.add_argument("--points-file", metavar="FILE",
                         help="YAML/JSON list of settings to evaluate first, before the study's own")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        defaults = {"num_samples": 32, "max_concurrent": 4, "grace_period": 2, "reduction_factor": 2}
-        for key, value in SMOKE_SWEEP.items():
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
-        if args.design == ONE_AT_A_TIME and args.dimensions is None:
-            args.dimensions = SMOKE_DIMENSIONS
-    return args
-
-
-def architecture_ablation(argv: Sequence[str] | None = None):
-    args, base, sweep = prepare(argv)
-    return run(args, base, sweep, program="architecture_ablation")
-
-
-def prepare(argv: Sequence[str] | None):
-    """The parsed flags, the trials' base config and the sweep (a space to search, or the
-    one-at-a-time cells), every problem reported before Ray starts."""
-    from sweeps.tuning import build_space
-
-    args = parse_args(argv)
-    base = base_config(args, SMOKE_CONFIG)
-    declared = SEARCH_SPACE
-    if args.speed_levers:
-        declared = {**SEARCH_SPACE, **SPEED_SPACE}
-        if base.eval_solver is None:
-            base = base.replace(eval_solver=SPEED_EVAL_SOLVER)
-    if base.is_complex:
-        # The complex models have no stem: its settings leave the declared space (a --space
-        # that names them again is refused, as every setting the model would ignore).
-        declared = {k: v for k, v in declared.items() if k not in STEM_SETTINGS}
-    args.resolved_space = build_space(declared, args)
-    args.points = load_points(args.points_file, args.resolved_space)
-    errors = []
-    if args.grace_period < 1:
-        errors.append(f"--grace-period {args.grace_period}: expected at least 1")
-    if args.reduction_factor <= 1:
-        errors.append(f"--reduction-factor {args.reduction_factor:g}: expected a number > 1")
-    if args.design == SEARCH:
-        given = [flag for flag, value in (("--seeds", args.seeds), ("--dimensions", args.dimensions),
-                                          ("--base-file", args.base_file),
-                                          ("--base-from-experiment", args.base_from_experiment)) if value is not None]
-        if given:
-            errors.append(f"{', '.join(given)}: only for --design one-at-a-time")
-    elif args.seeds is not None and args.seeds < 1:
-        errors.append(f"--seeds {args.seeds}: expected at least 1")
-    if errors:
-        raise SweepError(errors)
-    if args.design == SEARCH:
-        return args, base, Sweep(args.resolved_space, tuner_parts)
-    return args, base, one_at_a_time(args, base)
-
-
-def one_at_a_time(args: argparse.Namespace, base) -> Sweep:
-    """The cells of a one-at-a-time ablation around the base point."""
-    space = args.resolved_space
-    dimensions = designs.check_dimensions(space, args.dimensions)
-    base_point = {k: v for k, v in {**STUDY_SPEED_VALUES, **STUDY_POINTS[0]}.items() if k in space}
-    if args.base_file:
-        base_point.update(designs.base_from_file(args.base_file, space))
-    elif args.base_from_experiment:
-        best = designs.best_trial_settings(args.base_from_experiment, list(space), "--base-from-experiment")
-        base_point.update({name: designs.typed(space[name], value) for name, value in best.items()})
-    missing = [name for name in space if name not in base_point]
-    if missing:
-        raise SweepError([f"the base has no value for {', '.join(missing)}: give it in --base-file"])
-    seeds = [base.seed + i for i in range(args.seeds or 3)]
-    cells = designs.cells(space, base_point, dimensions, seeds)
-    args.num_samples = 1  # the cells list every trial
-    return Sweep(space, tuner_parts, design=ONE_AT_A_TIME, cells=cells, columns=("seed", "ablated_dimension"),
-                 parent_params={"dimensions": ",".join(dimensions), "seeds": str(len(seeds)),
-                                "base_point": json.dumps(base_point)})
+    return tuning.parse_args(parser, argv, SMOKE)
 
 
 if __name__ == "__main__":
-    sys.exit(main(architecture_ablation))
+    sys.exit(tuning.main(architecture_ablation))

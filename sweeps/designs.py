@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from odenet import tracking
 from odenet.config import read_settings_file
 from odenet.report import BASE
-from sweeps.tuning import Dimension, SweepError
+from sweeps.space import Dimension, SweepError
 
 # Continuous dimensions are ablated over a small grid around the base value: these factors.
 CONTINUOUS_FACTORS = {"lr": (1 / 3, 3.0), "weight_decay": (0.1, 10.0)}
@@ -76,12 +76,13 @@ def best_trial_settings(experiment: str, names: Sequence[str], flag: str) -> dic
     """The settings `names` (as logged: strings) of the finished trial with the best validation
     accuracy in an experiment: the base of an ablation or a comparison after a search."""
     tracking.check_server()
-    c = tracking.client()
-    found = c.get_experiment_by_name(experiment)
+    client = tracking.client()
+    found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SweepError([f"{flag} {experiment!r}: no such MLflow experiment at {tracking.tracking_uri()}"])
-    runs = [r for r in c.search_runs([found.experiment_id], "attributes.status = 'FINISHED' and metrics.best_val_acc > 0",
-                                     order_by=["metrics.best_val_acc DESC"], max_results=50)
+    runs = [r for r in client.search_runs([found.experiment_id],
+                                          "attributes.status = 'FINISHED' and metrics.best_val_acc > 0",
+                                          order_by=["metrics.best_val_acc DESC"], max_results=50)
             if r.data.tags.get("sweep_role") != "parent"]
     if not runs:
         raise SweepError([f"{flag} {experiment!r}: the experiment has no finished trial to start from"])

@@ -2,7 +2,7 @@
 ASHA's rungs, and device-hours from the epoch costs BENCHMARKS.md measured.
 
 The cost of one epoch is the measured epoch of the same model family on the same device
-(`odenet bench`: FashionMNIST, 2048 images of which 1638 train and 410 validate, width
+(`python -m bench`: FashionMNIST, 2048 images of which 1638 train and 410 validate, width
 64, stride 2, T_n = 1, dopri5 at 1e-3 with the adjoint), scaled by what changes the work:
 
 - images: the subset (or the whole training set) over the measured 2048;

@@ -16,48 +16,34 @@ import json
 import sys
 from typing import Sequence
 
-from odenet import tracking
+from ray import tune
+
+from odenet import sweep_record, tracking
 from odenet.config import DATASETS, MODELS
 from odenet.report import PARAMETER_EFFICIENCY
+from sweeps import tuning
 from sweeps.designs import best_trial_settings
-from sweeps.tuning import Sweep, SweepError, add_arguments, base_config, dimension, grid, main, run
+from sweeps.space import SweepError, dimension, grid
 
-SMOKE_CONFIG = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 2, "batch_size": 64}
-SMOKE_SEEDS = 2  # the fewest that give an interval
-
-
-def best_hyperparameters(experiment: str) -> dict:
-    """The searched settings of the finished trial with the best validation accuracy."""
-    tracking.check_server()
-    c = tracking.client()
-    found = c.get_experiment_by_name(experiment)
-    parents = c.search_runs([found.experiment_id], "tags.sweep_role = 'parent'", max_results=1) if found else []
-    if not parents:
-        raise SweepError([f"--from-experiment {experiment!r}: no sweep logged there at {tracking.tracking_uri()}"])
-    searched = json.loads(parents[0].data.params["search_space"])
-    return best_trial_settings(experiment, list(searched), "--from-experiment")
-
-
-def tuner_parts(base, args):
-    return None, None  # every grid point, trained to the end
+PROGRAM = "parameter_efficiency"
+# --smoke: each value stands in for a flag or run setting not given; two seeds are the
+# fewest that give an interval.
+SMOKE = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 2, "batch_size": 64,
+         "datasets": "fashion-mnist", "seeds": 2, "max_concurrent": 2}
 
 
 def parameter_efficiency(argv: Sequence[str] | None = None):
+    """Every model on every data set over the seeds: a grid, each point trained to the end."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, default_name="parameter_efficiency")
+    tuning.add_arguments(parser, PROGRAM)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models (default: all five)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated data sets (default: both)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model and data set (default: 3)")
     parser.add_argument("--from-experiment", metavar="NAME",
                         help="take the hyperparameters of the best trial of this finished sweep")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.datasets = "fashion-mnist" if args.datasets == ",".join(DATASETS) else args.datasets
-        args.seeds = SMOKE_SEEDS if args.seeds == 3 else args.seeds
-        args.max_concurrent = 2 if args.max_concurrent == 4 else args.max_concurrent
+    args, base = tuning.parse_args(parser, argv, SMOKE)
     if args.seeds < 1:
         raise SweepError([f"--seeds {args.seeds}: expected at least 1"])
-    base = base_config(args, SMOKE_CONFIG)
     if args.from_experiment:
         base = base.replace(**best_hyperparameters(args.from_experiment))
     space = {
@@ -65,9 +51,26 @@ def parameter_efficiency(argv: Sequence[str] | None = None):
         "dataset": dimension("dataset", grid(*args.datasets.split(","))),
         "seed": dimension("seed", grid(*range(args.seeds))),
     }
-    args.num_samples = 1  # the grid itself lists every trial
-    return run(args, base, Sweep(space, tuner_parts, design=PARAMETER_EFFICIENCY), program="parameter_efficiency")
+    sweep = tuning.start(args, base, space, PROGRAM, design=PARAMETER_EFFICIENCY, num_samples=1)
+    if sweep is None:  # --estimate printed the cost
+        return None
+    if sweep.restoring:
+        tuner = sweep.restore()
+    else:
+        tuner = tune.Tuner(sweep.trainable, param_space={name: dim.to_tune() for name, dim in space.items()},
+                           tune_config=sweep.tune_config(), run_config=sweep.run_config())
+    return sweep.finish(tuner.fit())
+
+
+def best_hyperparameters(experiment: str) -> dict:
+    """The searched settings of the finished trial with the best validation accuracy."""
+    tracking.check_server()
+    parent = sweep_record.find_parent_run(experiment)
+    if parent is None:
+        raise SweepError([f"--from-experiment {experiment!r}: no sweep logged there at {tracking.tracking_uri()}"])
+    searched = json.loads(parent.data.params["search_space"])
+    return best_trial_settings(experiment, list(searched), "--from-experiment")
 
 
 if __name__ == "__main__":
-    sys.exit(main(parameter_efficiency))
+    sys.exit(tuning.main(parameter_efficiency))

@@ -1,4 +1,5 @@
-"""Where a sweep keeps what must outlast it: the MLflow store and the sweep's state.
+"""Where a sweep keeps what must outlast it: the MLflow store and the sweep's state (a
+folder, or S3 through the filesystem Tune is given).
 
 Run from a checkout, the embedded defaults live in the working directory (`mlruns.db`,
 `ray_results/`). A driver that `ray job submit` started runs in a copy of the checkout
@@ -15,6 +16,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from odenet import envvars, tracking
 
@@ -49,6 +51,23 @@ class Places:
         state = f"{self.storage_path.rstrip('/')}/{name}"
         where = f" (in {self.stable_home}, ${envvars.HOME})" if self.stable_home else ""
         return f"runs in {self.tracking_uri}, sweep state in {state}{where}"
+
+    def tune_storage(self) -> tuple[str, Any]:
+        """(storage path, filesystem) as Tune takes them: a local folder and None, or bucket/prefix and
+        an S3 filesystem for AWS S3 or an S3-compatible store whose endpoint the standard variables give."""
+        if not self.storage_path.startswith("s3://"):
+            return self.storage_path, None
+        import pyarrow.fs
+
+        endpoint = os.environ.get(envvars.S3_ENDPOINT) or os.environ.get(envvars.MLFLOW_S3_ENDPOINT)
+        options: dict[str, Any] = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            options.update(endpoint_override=host or scheme, scheme=scheme if host else "http")
+        region = os.environ.get(envvars.REGION) or os.environ.get(envvars.AWS_REGION)
+        if region:
+            options["region"] = region
+        return self.storage_path[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**options)
 
 
 def settle(storage_path: str | None) -> Places:

@@ -21,7 +21,8 @@ from odenet.config import ODE_MODELS
 from odenet.run import load_logged_run
 from odenet.stats import mean_interval
 from odenet.summary import reevaluation_metrics
-from sweeps.tuning import SweepError, main, worker_env
+from sweeps.space import SweepError
+from sweeps.tuning import main, worker_env
 
 
 def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -> pd.DataFrame:
@@ -59,12 +60,12 @@ def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
 
     tracking.check_server()
-    c = tracking.client()
-    found = c.get_experiment_by_name(args.experiment)
+    client = tracking.client()
+    found = client.get_experiment_by_name(args.experiment)
     if found is None:
         raise SweepError([f"--experiment {args.experiment!r}: no such MLflow experiment at {tracking.tracking_uri()}"])
     # MLflow's search cannot filter params with IN: select the ODE models here.
-    runs = [r for r in c.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=10_000)
+    runs = [r for r in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=10_000)
             if r.data.params.get("model") in ODE_MODELS and r.data.tags.get("sweep_role") != "parent"]
     if not runs:
         raise SweepError([f"experiment {args.experiment!r} has no finished ODE runs ({', '.join(ODE_MODELS)}) to "

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from odenet.cli import build_parser, config_from_args
+from odenet.cli import build_parser
 from odenet.config import ConfigError, RunConfig
 
 
@@ -35,8 +35,15 @@ def test_from_yaml_and_json_files(tmp_path):
 def test_flags_override_the_config_file(tmp_path):
     (tmp_path / "run.yaml").write_text("model: resnet-large\nlr: 0.01\n")
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--lr", "0.002"])
-    c = config_from_args(args)
+    c = RunConfig.from_args(args)
     assert c.model == "resnet-large" and c.lr == 0.002
+
+
+def test_defaults_handed_to_from_args_sit_below_the_file_and_the_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("width: 16\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--subset", "512"])
+    c = RunConfig.from_args(args, defaults={"width": 8, "subset": 1024, "max_epochs": 3})
+    assert (c.width, c.subset, c.max_epochs) == (16, 512, 3)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from odenet.failures import Diverged
 from odenet.run import execute
 from odenet.tracker import MlflowTracker
 from odenet.train import EpochMetrics
-from sweeps.tuning import parent_run
+from odenet.sweep_record import start_parent_run
 
 pytestmark = pytest.mark.stack
 
@@ -52,7 +52,7 @@ def log_run(experiment, parent, outcome, changes, tags, accuracy=None, history=N
 
 def test_one_at_a_time_report_finds_the_planted_effect_and_no_effect_where_none(outcome, tracking_env, tmp_path):
     experiment = "planted"
-    parent = parent_run(experiment, "planted", {"design": "one-at-a-time"}, False, "one-at-a-time")
+    parent = start_parent_run(experiment, "planted", {"design": "one-at-a-time"}, False, "one-at-a-time")
     rng = np.random.default_rng(7)
     seed_effect = rng.normal(0, 0.02, len(SEEDS))  # what a seed's weights and batch order do to every cell
     def noise():
@@ -101,7 +101,7 @@ def epochs(values):
 def test_search_report_compares_trials_at_one_budget(outcome, tracking_env, tmp_path):
     experiment = "budgets"
     space = '{"final_time": "1, 2, 5", "norm": "groupnorm, none"}'
-    parent = parent_run(experiment, "budgets", {"search_space": space}, False, "search")
+    parent = start_parent_run(experiment, "budgets", {"search_space": space}, False, "search")
     rng = np.random.default_rng(3)
     expected = {}
     for i in range(10):

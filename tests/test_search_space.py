@@ -2,7 +2,7 @@
 
 import importlib.util
 
-from sweeps.tuning import check_space
+from sweeps.space import check_space
 
 from tests.conftest import REPO
 
@@ -12,14 +12,12 @@ spec.loader.exec_module(ablation)
 
 
 def test_speed_levers_join_the_space_and_keep_evaluation_on_dopri5():
-    args, base, _ = ablation.prepare(["--smoke", "--speed-levers"])
-    space = args.resolved_space
+    _, base, space, points = ablation.prepare(["--smoke", "--speed-levers"])
     assert set(ablation.SPEED_SPACE) <= set(space) and set(ablation.SEARCH_SPACE) <= set(space)
     assert list(space["solver"].values) == ["dopri5", "bosh3", "rk4", "euler"]
     assert base.eval_solver == "dopri5"
     assert check_space(space, base) == []
     # the study's points still start the search, at the unregularised dopri5 solve
-    points = ablation.first_points(space, [])
     assert len(points) == len(ablation.STUDY_POINTS)
     assert all(p["solver"] == "dopri5" and p["kinetic_energy"] == 0.0 and p["jacobian_norm"] == 0.0
                for p in points)
@@ -27,11 +25,19 @@ def test_speed_levers_join_the_space_and_keep_evaluation_on_dopri5():
 
 
 def test_without_speed_levers_the_space_is_the_studys():
-    args, base, _ = ablation.prepare(["--smoke"])
-    assert set(args.resolved_space) == set(ablation.SEARCH_SPACE)
+    _, base, space, _ = ablation.prepare(["--smoke"])
+    assert set(space) == set(ablation.SEARCH_SPACE)
     assert base.eval_solver is None
 
 
 def test_an_explicit_eval_solver_wins():
-    _, base, _ = ablation.prepare(["--smoke", "--speed-levers", "--eval-solver", "rk4"])
+    _, base, _, _ = ablation.prepare(["--smoke", "--speed-levers", "--eval-solver", "rk4"])
     assert base.eval_solver == "rk4"
+
+
+def test_smoke_sizes_stand_in_for_the_flags_not_given():
+    args, base, _, _ = ablation.prepare(["--smoke", "--num-samples", "3", "--max-epochs", "5"])
+    assert (args.num_samples, args.max_concurrent, args.grace_period) == (3, 2, 1)
+    assert (base.max_epochs, base.subset, base.width) == (5, 1024, 8)
+    args, base, _, _ = ablation.prepare(["--num-samples", "3"])
+    assert (args.max_concurrent, args.grace_period, base.subset) == (4, 2, None)
