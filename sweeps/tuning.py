@@ -287,7 +287,7 @@ def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]
     --estimate, print what it would cost instead and return None. `cells`: a designed list of
     trials (sweeps/designs.py) over `space`; `num_samples`: 1 where a grid lists every trial
     (default: --num-samples)."""
-    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    on_cluster = bool(os.environ.get(envvars.RAY_ADDRESS))
     errors = check_cells(cells, base) if cells is not None else check_space(space, base)
     errors += check_resources(args, on_cluster)
     if errors:
