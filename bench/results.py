@@ -13,7 +13,6 @@ from bench.plan import Case, SharedMachine
 from bench.settings import Settings
 
 ODE_MODEL, RESNET_MODEL = "odenet-simple", "resnet-small"
-ACCURACY_WINDOW_POINTS = 0.5
 WARM_UP_FROM_EPOCHS = 3
 
 
@@ -160,7 +159,7 @@ class Measurements:
 
     def ratio_lines(self) -> list[str]:
         """The headline: the ODEnet / ResNet epoch-time ratio at the defaults and the best one a
-        lever reaches at equal accuracy; our loop against the reference loop."""
+        lever reaches; our loop against the reference loop."""
         ode, resnet = f"{ODE_MODEL}/ours", f"{RESNET_MODEL}/ours"
         if not (self.measured(ode) and self.measured(resnet)):
             return [f"- The {ODE_MODEL} / {RESNET_MODEL} ratio needs both models measured (--models)."]
@@ -174,20 +173,13 @@ class Measurements:
             if case.model == ODE_MODEL and case.loop == "ours" and self.measured(case.key):
                 gap = 100 * (self.median(case.key, "val_acc") - resnet_acc)
                 candidates.append((self.ratio(case.key, resnet), gap, case))
-        within = [c for c in candidates if c[1] >= -ACCURACY_WINDOW_POINTS - 1e-9]
-        if within:
-            ratio, gap, case = min(within, key=lambda c: c[0])
-            lines.append(
-                f"- **Best with levers, validation accuracy within {ACCURACY_WINDOW_POINTS} points of "
-                f"{RESNET_MODEL}'s (or above it): {ratio:.1f}x with `{case.lever}`** ({settings_text(case)}; "
-                f"val acc {self.median(case.key, 'val_acc'):.4f}, gap {gap:+.2f} points)."
-                + (" Target (5 or less) reached." if ratio <= 5 else " Target (5 or less) not reached."))
-        else:
-            lines.append(f"- No measured combination kept validation accuracy within {ACCURACY_WINDOW_POINTS} "
-                         f"points of {RESNET_MODEL}'s.")
         if candidates:
+            # One seed and a few hundred validation images cannot tell accuracies apart: the
+            # accuracy a lever costs is measured over seeds by bench/time_to_accuracy.py.
             ratio, gap, case = min(candidates, key=lambda c: c[0])
-            lines.append(f"- Lowest ratio at any accuracy: {ratio:.1f}x with `{case.lever}` (gap {gap:+.2f} points).")
+            lines.append(f"- Lowest epoch-time ratio with levers: {ratio:.1f}x with `{case.lever}` "
+                         f"({settings_text(case)}). What a lever costs in accuracy is not measured here "
+                         "(one seed, a few hundred validation images): see the time-to-accuracy section.")
         for model in self.settings.models:
             ours, reference = f"{model}/ours", f"{model}/reference"
             if self.measured(ours) and self.measured(reference):

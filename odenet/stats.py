@@ -62,6 +62,14 @@ def paired_difference(variant: Sequence[float], base: Sequence[float], compariso
     return Interval(float(d.mean()), float(ci.low), float(ci.high), len(d))
 
 
+def ratio_interval(base: Sequence[float], variant: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """base / variant paired (same seed): the geometric mean of the ratios with the t-interval of
+    their logarithms, back on the ratio scale (ratios multiply, so they are averaged in logs)."""
+    logs = mean_interval([math.log(b / v) for b, v in zip(base, variant) if b > 0 and v > 0], confidence)
+    return Interval(*(math.exp(x) if not math.isnan(x) else math.nan for x in (logs.mean, logs.low, logs.high)),
+                    logs.n)
+
+
 def verdict(diff: Interval, unit: str = "points", scale: float = 100.0) -> str:
     """Plain words for a difference: its direction when the interval excludes zero."""
     if diff.n < 2:

@@ -12,7 +12,10 @@ The cost of one epoch is the measured epoch of the same model family on the same
   to this project's one-at-a-time run of T_n = 1, 2, 5, 10 (FNFE + BNFE 69, 86, 122, 153;
   width 8, 3 seeds, README "Two designs"), not a law: adaptive solvers take what the
   dynamics ask;
-- resnet-large: three blocks where resnet-small has one.
+- resnet-large: three blocks where resnet-small has one;
+- the training solve (adjoint, solver, step size, regulariser weights, e.g. `--recipe fast`):
+  the measured lever with those settings, as its epoch time over the default's on the same
+  device; a combination that was not measured is not estimated.
 
 The complex models were not measured: their cost is not estimated (said so, not guessed).
 Trial-epochs are an upper bound: early stopping (--patience) ends trials sooner.
@@ -44,6 +47,35 @@ def measured_epoch_s(text: str | None = None) -> dict[str, dict[str, float]]:
         for model, seconds in re.findall(r"^\| (\S+)\s+\| ours\s+\|\s+([\d.]+) \|", body, re.M):
             found.setdefault(device, {})[model] = float(seconds)
     return found
+
+
+# The settings of the training solve that BENCHMARKS.md's lever rows vary, with the study's values.
+SOLVE_DEFAULTS = {"adjoint": "adjoint", "solver": "dopri5", "step_size": None, "kinetic_energy": 0.0,
+                  "jacobian_norm": 0.0}
+FIXED_STEP = ("euler", "midpoint", "rk4")
+
+
+def _solve(settings: dict[str, Any]) -> tuple:
+    """The training solve's settings as a comparable key (the step size matters for fixed steps only)."""
+    values = {**SOLVE_DEFAULTS, **{k: settings[k] for k in SOLVE_DEFAULTS if settings.get(k) is not None}}
+    if values["solver"] not in FIXED_STEP:
+        values["step_size"] = None
+    return (values["adjoint"], values["solver"], None if values["step_size"] is None else float(values["step_size"]),
+            float(values["kinetic_energy"]), float(values["jacobian_norm"]))
+
+
+def measured_levers(text: str | None = None) -> dict[str, dict[tuple, float]]:
+    """{device: {training-solve key: epoch time over the default's}} from the odenet-simple rows of
+    BENCHMARKS.md's lever tables."""
+    text = BENCHMARKS.read_text() if text is None else text
+    found: dict[str, dict[tuple, float]] = {}
+    for device, body in re.findall(r"<!-- odenet bench: (\w+) -->(.*?)<!-- odenet bench: \1 end -->", text, re.S):
+        for settings, seconds in re.findall(r"^\| odenet-simple\s+\| \S+\s+\| ([^|]+?)\s+\|\s+([\d.]+) \|",
+                                            body.split("## Levers", 1)[-1], re.M):
+            pairs = dict(item.split("=", 1) for item in settings.split(", ") if "=" in item)
+            found.setdefault(device, {}).setdefault(_solve(pairs), float(seconds))  # the first row: no dataloader
+    return {device: {key: s / rows[_solve({})] for key, s in rows.items()} for device, rows in found.items()
+            if _solve({}) in rows}
 
 
 @dataclass(frozen=True)
@@ -86,11 +118,17 @@ def asha_epochs(trials: int, max_epochs: int, grace_period: int, reduction_facto
     return epochs
 
 
-def epoch_cost(settings: dict[str, Any], device: str, measured: dict[str, dict[str, float]]) -> float | None:
+def epoch_cost(settings: dict[str, Any], device: str, measured: dict[str, dict[str, float]],
+               levers: dict[str, dict[tuple, float]] | None = None) -> float | None:
     """Seconds per epoch of one trial's settings on a device; None where nothing comparable was measured."""
     model = settings["model"]
     if model not in FAMILY or device not in measured or FAMILY[model][0] not in measured[device]:
         return None
+    lever = 1.0
+    if model.startswith("odenet") and _solve(settings) != _solve({}):
+        lever = (measured_levers() if levers is None else levers).get(device, {}).get(_solve(settings))
+        if lever is None:
+            return None
     family, blocks = FAMILY[model]
     dataset = settings["dataset"]
     images = settings.get("subset") or TRAIN_IMAGES[dataset]
@@ -100,7 +138,7 @@ def epoch_cost(settings: dict[str, Any], device: str, measured: dict[str, dict[s
     work = (images / MEASURED_IMAGES) * (state / MEASURED_STATE) ** 2 * (side / MEASURED_SIDE) ** 2 * blocks
     if model.startswith("odenet"):
         work *= float(settings.get("final_time", 1.0)) ** T_EXPONENT
-    return measured[device][family] * work
+    return measured[device][family] * work * lever
 
 
 def estimate(trials: Sequence[tuple[Sequence[dict[str, Any]], float]],
@@ -122,7 +160,7 @@ def estimate(trials: Sequence[tuple[Sequence[dict[str, Any]], float]],
     return Estimate(len(trials), float(sum(epochs for _, epochs in trials)), hours)
 
 
-COST_DIMENSIONS = ("model", "dataset", "stride", "final_time", "augment_dims", "width", "subset")
+COST_DIMENSIONS = ("model", "dataset", "stride", "final_time", "augment_dims", "width", "subset", *SOLVE_DEFAULTS)
 
 
 def alternatives(space, base: dict[str, Any]) -> list[dict[str, Any]]:

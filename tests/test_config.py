@@ -102,3 +102,20 @@ def test_none_is_a_value_of_activation_before_and_None_leaves_it_unset():
     assert RunConfig().replace(activation_before="none").activation_before == "none"
     assert RunConfig.from_dict({"activation_before": "None"}).activation_before == "relu"
     assert RunConfig.from_dict({"model": "odenet-complex", "stride": "None"}).stride is None
+
+
+def test_the_fast_recipe_trains_with_fixed_steps_validates_with_dopri5_and_yields_to_flags(capsys):
+    import argparse
+
+    from odenet.config import RECIPES
+
+    parser = argparse.ArgumentParser()
+    RunConfig.add_arguments(parser)
+    fast = RunConfig.from_args(parser.parse_args(["--recipe", "fast"]))
+    assert (fast.adjoint, fast.solver, fast.step_size, fast.eval_solver) == ("direct", "rk4", 1.0, "dopri5")
+    assert RunConfig.from_args(parser.parse_args(["--recipe", "fast", "--solver", "midpoint"])).solver == "midpoint"
+    assert RunConfig.from_args(parser.parse_args(["--recipe", "study"])) == RunConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--recipe", "quick"])
+    assert "invalid choice: 'quick' (choose from 'study', 'fast')" in capsys.readouterr().err
+    assert set(RECIPES) == {"study", "fast"}

@@ -57,3 +57,18 @@ def test_unmeasured_models_are_said_not_estimated(capsys, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     out = printed(parameter_efficiency, ["--models", "odenet-complex", "--datasets", "fashion-mnist"], capsys)
     assert "not estimated" in out and "device-hours" not in out
+
+
+def test_the_fast_recipe_costs_what_its_lever_measured_and_an_unmeasured_solve_is_not_guessed(
+        capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--models", "odenet-simple", "--datasets", "fashion-mnist", "--seeds", "2", "--max-epochs", "4",
+            "--subset", "2048"]
+    study = printed(parameter_efficiency, argv, capsys)
+    fast = printed(parameter_efficiency, [*argv, "--recipe", "fast"], capsys)
+    lever = estimate.measured_levers()["cpu"][("direct", "rk4", 1.0, 0.0, 0.0)]
+    assert 0.05 < lever < 0.5  # BENCHMARKS.md: direct+rk4@1 over the default epoch
+    assert number(r"CPU[^:]*: ([\d.,]+) device-hours", fast) == pytest.approx(
+        number(r"CPU[^:]*: ([\d.,]+) device-hours", study) * lever, rel=1e-2)
+    unmeasured = printed(parameter_efficiency, [*argv, "--recipe", "fast", "--step-size", "0.25"], capsys)
+    assert "not estimated" in unmeasured
