@@ -52,9 +52,9 @@ bench: venv system-packages
 bench-quick: venv system-packages
 	$(PY) -m bench --quick --out test-artifacts/BENCHMARKS-quick.md
 
-# BENCHMARKS.md's time-to-accuracy section: every lever over 3 seeds to early stopping (about 30-40 minutes on 2 cores).
+# BENCHMARKS.md's time-to-accuracy section: every lever over 3 seeds to early stopping (about 25 minutes on 2 cores).
 bench-tta: venv system-packages
-	$(PY) -m bench.time_to_accuracy --device cpu --out BENCHMARKS.md
+	$(PY) -m bench.time_to_accuracy --device cpu --out BENCHMARKS.md --results bench/results/tta_cpu.json
 
 test: venv checkov system-packages
 	CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)

@@ -29,6 +29,7 @@ from odenet.evaluate import REEVALUATION_SOLVERS
 from odenet.failures import Diverged
 from odenet.stats import Interval, mean_interval, paired_difference, verdict
 from odenet.summary import reevaluation_metric, summarize
+from odenet.sweep_record import find_parent_run
 
 # The designs a run's `design` tag names, and the `ablated_dimension` of a one-at-a-time base
 # cell: the sweeps write them (sweeps/designs.py), the report reads them.
@@ -400,22 +401,11 @@ def searched_dimensions(parent, frame: pd.DataFrame) -> list[str]:
             and c not in ("design", "ablated_dimension", "ablated_value", "failure_cause", "stopped_by")]
 
 
-def parent_run(experiment: str):
-    """The experiment's most recent sweep parent run, if any."""
-    c = tracking.client()
-    found = c.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = c.search_runs([found.experiment_id], "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"],
-                         max_results=1)
-    return runs[0] if runs else None
-
-
 def main(experiment: str, out_dir: str | None = None) -> str:
     """Write the report to `out_dir` (default reports/EXPERIMENT), log it to the experiment's parent
     run, and return its markdown."""
     folder = Path(out_dir or Path("reports") / experiment)
-    parent = parent_run(experiment)
+    parent = find_parent_run(experiment)
     report = build(experiment, folder, parent)
     text = report.markdown()
     (folder / "report.md").write_text(text)

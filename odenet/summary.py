@@ -12,7 +12,6 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "fnfe", "bnfe", "epoch_time_s")
 SUMMARY_METRICS = ("best_epoch", "epochs", "best_val_acc", "best_val_loss", "mean_epoch_time_s", "mean_fnfe",
                    "mean_bnfe")
 

@@ -22,13 +22,13 @@ PARENT_ROLE = "tags.sweep_role = 'parent'"
 
 
 def find_parent_run(experiment: str, sweep_name: str | None = None):
-    """The parent run of the sweep `sweep_name` in `experiment` (of any sweep when None), or None."""
+    """The parent run of the sweep `sweep_name` in `experiment` (the most recent sweep's when None), or None."""
     client = tracking.client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
     query = PARENT_ROLE + (f" and tags.sweep_name = '{sweep_name}'" if sweep_name else "")
-    runs = client.search_runs([found.experiment_id], query, max_results=1)
+    runs = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
