@@ -83,13 +83,13 @@ def compare(results: dict[str, list[SeedResult]], target: float, baseline: str =
     whatever its wide interval overlaps."""
     base = results[baseline]
     base_acc = mean_interval([r.test_acc for r in base])
-    base_reached = [r.time_to(target) for r in base if r.time_to(target) is not None]
+    base_reached = [t for r in base if (t := r.time_to(target)) is not None]
     base_target = mean_interval(base_reached).mean if len(base_reached) == len(base) else math.nan
     levers = [name for name in results if name != baseline and name.split(":")[0] == baseline.split(":")[0]]
     rows = []
     for name, runs in results.items():
         acc = mean_interval([r.test_acc for r in runs])
-        reached = [r.time_to(target) for r in runs if r.time_to(target) is not None]
+        reached = [t for r in runs if (t := r.time_to(target)) is not None]
         to_target = mean_interval(reached)
         speed_up = ratio_interval([b.total_s for b in base], [r.total_s for r in runs])
         every_seed = len(reached) == len(runs)

@@ -39,11 +39,16 @@ FAMILY = {"odenet-simple": ("odenet-simple", 1), "resnet-small": ("resnet-small"
           "resnet-large": ("resnet-small", 3)}
 
 
+def _sections(text: str | None) -> list[tuple[str, str]]:
+    """(key, body) of each section the benchmarks wrote into BENCHMARKS.md (or `text`)."""
+    text = BENCHMARKS.read_text() if text is None else text
+    return re.findall(r"<!-- odenet bench: (\w+) -->(.*?)<!-- odenet bench: \1 end -->", text, re.S)
+
+
 def measured_epoch_s(text: str | None = None) -> dict[str, dict[str, float]]:
     """{device: {model: seconds per epoch}} from BENCHMARKS.md's "our loop" rows, per section."""
-    text = BENCHMARKS.read_text() if text is None else text
     found: dict[str, dict[str, float]] = {}
-    for device, body in re.findall(r"<!-- odenet bench: (\w+) -->(.*?)<!-- odenet bench: \1 end -->", text, re.S):
+    for device, body in _sections(text):
         for model, seconds in re.findall(r"^\| (\S+)\s+\| ours\s+\|\s+([\d.]+) \|", body, re.M):
             found.setdefault(device, {})[model] = float(seconds)
     return found
@@ -67,9 +72,8 @@ def _solve(settings: dict[str, Any]) -> tuple:
 def measured_levers(text: str | None = None) -> dict[str, dict[tuple, float]]:
     """{device: {training-solve key: epoch time over the default's}} from the odenet-simple rows of
     BENCHMARKS.md's lever tables."""
-    text = BENCHMARKS.read_text() if text is None else text
     found: dict[str, dict[tuple, float]] = {}
-    for device, body in re.findall(r"<!-- odenet bench: (\w+) -->(.*?)<!-- odenet bench: \1 end -->", text, re.S):
+    for device, body in _sections(text):
         for settings, seconds in re.findall(r"^\| odenet-simple\s+\| \S+\s+\| ([^|]+?)\s+\|\s+([\d.]+) \|",
                                             body.split("## Levers", 1)[-1], re.M):
             pairs = dict(item.split("=", 1) for item in settings.split(", ") if "=" in item)
@@ -119,14 +123,14 @@ def asha_epochs(trials: int, max_epochs: int, grace_period: int, reduction_facto
 
 
 def epoch_cost(settings: dict[str, Any], device: str, measured: dict[str, dict[str, float]],
-               levers: dict[str, dict[tuple, float]] | None = None) -> float | None:
+               levers: dict[str, dict[tuple, float]]) -> float | None:
     """Seconds per epoch of one trial's settings on a device; None where nothing comparable was measured."""
     model = settings["model"]
     if model not in FAMILY or device not in measured or FAMILY[model][0] not in measured[device]:
         return None
     lever = 1.0
     if model.startswith("odenet") and _solve(settings) != _solve({}):
-        lever = (measured_levers() if levers is None else levers).get(device, {}).get(_solve(settings))
+        lever = levers.get(device, {}).get(_solve(settings))
         if lever is None:
             return None
     family, blocks = FAMILY[model]
@@ -146,12 +150,15 @@ def estimate(trials: Sequence[tuple[Sequence[dict[str, Any]], float]],
     """Trials, trial-epochs and device-hours of trials given as (settings it may have, epochs):
     a designed trial has one setting; a searched one each point of the space's cost-changing
     choices, equally likely (the searcher's preferences are not known before it runs)."""
-    measured = measured_epoch_s() if measured is None else measured
+    # BENCHMARKS.md is read once per estimate, not once per trial and setting.
+    text = BENCHMARKS.read_text()
+    measured = measured_epoch_s(text) if measured is None else measured
+    levers = measured_levers(text)
     hours: dict[str, float | None] = {}
     for device in ("cpu", "cuda"):
         total = 0.0
         for alternatives, epochs in trials:
-            costs = [epoch_cost(s, device, measured) for s in alternatives]
+            costs = [epoch_cost(s, device, measured, levers) for s in alternatives]
             if any(c is None for c in costs):
                 total = None
                 break
