@@ -29,7 +29,7 @@ from odenet.evaluate import REEVALUATION_SOLVERS
 from odenet.failures import Diverged
 from odenet.stats import Interval, mean_interval, paired_difference, verdict
 from odenet.summary import reevaluation_metric, summarize
-from odenet.sweep_record import find_parent_run
+from odenet.sweep_record import PARENT, ROLE_TAG, find_parent_run
 
 # The designs a run's `design` tag names, and the `ablated_dimension` of a one-at-a-time base
 # cell: the sweeps write them (sweeps/designs.py), the report reads them.
@@ -70,8 +70,8 @@ def load_runs(experiment: str) -> pd.DataFrame:
     raw = mlflow.search_runs(experiment_names=[experiment], max_results=50_000)
     if raw.empty:
         raise tracking.TrackingError(f"experiment {experiment!r} has no runs at {tracking.tracking_uri()}")
-    if "tags.sweep_role" in raw:
-        raw = raw[raw["tags.sweep_role"] != "parent"]
+    if f"tags.{ROLE_TAG}" in raw:
+        raw = raw[raw[f"tags.{ROLE_TAG}"] != PARENT]
     if raw.empty:
         raise tracking.TrackingError(f"experiment {experiment!r} has no trial runs yet, only its sweep's parent run")
     raw = raw.sort_values("start_time")  # tables list dimensions and values in the order they ran

@@ -18,18 +18,15 @@ from odenet.summary import summarize
 
 # Columns of the results table after each trial's settings.
 RESULT_COLUMNS = ("best_val_acc", "test_acc", "test_loss", "mean_fnfe", "mean_bnfe", "mean_epoch_time_s", "epochs")
-PARENT_ROLE = "tags.sweep_role = 'parent'"
+# The tag that tells a sweep's parent run from its trials' runs.
+ROLE_TAG, PARENT = "sweep_role", "parent"
+PARENT_ROLE = f"tags.{ROLE_TAG} = '{PARENT}'"
 
 
 def find_parent_run(experiment: str, sweep_name: str | None = None):
     """The parent run of the sweep `sweep_name` in `experiment` (the most recent sweep's when None), or None."""
-    client = tracking.client()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
     query = PARENT_ROLE + (f" and tags.sweep_name = '{sweep_name}'" if sweep_name else "")
-    runs = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    return tracking.first_run(experiment, query, order_by=["attributes.start_time DESC"])
 
 
 def start_parent_run(experiment: str, sweep_name: str, params: dict[str, str], restoring: bool, design: str) -> str:
@@ -41,7 +38,7 @@ def start_parent_run(experiment: str, sweep_name: str, params: dict[str, str], r
         client.update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id
     run = client.create_run(tracking.experiment_id(experiment), run_name=sweep_name,
-                            tags={"sweep_name": sweep_name, "sweep_role": "parent", "design": design,
+                            tags={"sweep_name": sweep_name, ROLE_TAG: PARENT, "design": design,
                                   "git_commit": git_commit()})
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
     return run.info.run_id
@@ -61,12 +58,11 @@ def close_trial_run(experiment: str, trial_id: str, status: str, tags: dict[str,
     """Tag and end the run of a trial that did not end itself (stopped by the scheduler, or errored)."""
     from mlflow.entities import RunTag
 
-    client = tracking.client()
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], f"tags.{IDENTITY_TAG} = '{trial_id}'", max_results=1)
-    if not runs:
+    run = tracking.first_run(experiment, f"tags.{IDENTITY_TAG} = '{trial_id}'")
+    if run is None:
         return
-    run_id = runs[0].info.run_id
+    run_id = run.info.run_id
+    client = tracking.client()
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status)

@@ -22,7 +22,7 @@ from odenet.artifacts import write_history_artifacts, write_run_artifacts
 from odenet.config import RunConfig
 from odenet.failures import Diverged
 from odenet.provenance import run_tags
-from odenet.tracking import TrackingError, check_server, client, experiment_id, print_ui_hint, tracking_uri
+from odenet.tracking import TrackingError, check_server, client, experiment_id, first_run, print_ui_hint, tracking_uri
 from odenet.train import EpochMetrics
 
 if TYPE_CHECKING:
@@ -209,11 +209,8 @@ class MlflowTracker:
         identity = self.extra_tags.get(IDENTITY_TAG)
         if identity is None:
             return None
-        found = client().get_experiment_by_name(self.experiment)
-        if found is None:
-            return None
-        runs = client().search_runs([found.experiment_id], f"tags.{IDENTITY_TAG} = '{identity}'", max_results=1)
-        return runs[0].info.run_id if runs else None
+        run = first_run(self.experiment, f"tags.{IDENTITY_TAG} = '{identity}'")
+        return run.info.run_id if run else None
 
     def _set_tags(self, tags: dict[str, str]) -> None:
         _retrying(lambda: client().log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),

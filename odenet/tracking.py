@@ -85,6 +85,17 @@ def client():
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+def first_run(experiment: str, query: str, order_by: list[str] | None = None):
+    """The first run of `experiment` matching the search `query`, or None (also when the
+    experiment does not exist)."""
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow_client.search_runs([found.experiment_id], query, order_by=order_by, max_results=1)
+    return runs[0] if runs else None
+
+
 def experiment_id(name: str) -> str:
     """The experiment's id, creating it (with local artifacts when embedded) if needed."""
     mlflow_client = client()

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from odenet import tracking
 from odenet.config import read_settings_file
 from odenet.report import BASE
+from odenet.sweep_record import PARENT, ROLE_TAG
 from sweeps.space import Dimension, SweepError
 
 # Continuous dimensions are ablated over a small grid around the base value: these factors.
@@ -83,7 +84,7 @@ def best_trial_settings(experiment: str, names: Sequence[str], flag: str) -> dic
     runs = [r for r in client.search_runs([found.experiment_id],
                                           "attributes.status = 'FINISHED' and metrics.best_val_acc > 0",
                                           order_by=["metrics.best_val_acc DESC"], max_results=50)
-            if r.data.tags.get("sweep_role") != "parent"]
+            if r.data.tags.get(ROLE_TAG) != PARENT]
     if not runs:
         raise SweepError([f"{flag} {experiment!r}: the experiment has no finished trial to start from"])
     params = runs[0].data.params

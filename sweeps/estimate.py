@@ -69,6 +69,9 @@ def _solve(settings: dict[str, Any]) -> tuple:
             float(values["kinetic_energy"]), float(values["jacobian_norm"]))
 
 
+STUDY_SOLVE = _solve({})
+
+
 def measured_levers(text: str | None = None) -> dict[str, dict[tuple, float]]:
     """{device: {training-solve key: epoch time over the default's}} from the odenet-simple rows of
     BENCHMARKS.md's lever tables."""
@@ -78,8 +81,8 @@ def measured_levers(text: str | None = None) -> dict[str, dict[tuple, float]]:
                                             body.split("## Levers", 1)[-1], re.M):
             pairs = dict(item.split("=", 1) for item in settings.split(", ") if "=" in item)
             found.setdefault(device, {}).setdefault(_solve(pairs), float(seconds))  # the first row: no dataloader
-    return {device: {key: s / rows[_solve({})] for key, s in rows.items()} for device, rows in found.items()
-            if _solve({}) in rows}
+    return {device: {key: s / rows[STUDY_SOLVE] for key, s in rows.items()} for device, rows in found.items()
+            if STUDY_SOLVE in rows}
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,8 @@ def epoch_cost(settings: dict[str, Any], device: str, measured: dict[str, dict[s
     if model not in FAMILY or device not in measured or FAMILY[model][0] not in measured[device]:
         return None
     lever = 1.0
-    if model.startswith("odenet") and _solve(settings) != _solve({}):
-        lever = levers.get(device, {}).get(_solve(settings))
+    if model.startswith("odenet") and (solve := _solve(settings)) != STUDY_SOLVE:
+        lever = levers.get(device, {}).get(solve)
         if lever is None:
             return None
     family, blocks = FAMILY[model]
@@ -145,14 +148,13 @@ def epoch_cost(settings: dict[str, Any], device: str, measured: dict[str, dict[s
     return measured[device][family] * work * lever
 
 
-def estimate(trials: Sequence[tuple[Sequence[dict[str, Any]], float]],
-             measured: dict[str, dict[str, float]] | None = None) -> Estimate:
+def estimate(trials: Sequence[tuple[Sequence[dict[str, Any]], float]]) -> Estimate:
     """Trials, trial-epochs and device-hours of trials given as (settings it may have, epochs):
     a designed trial has one setting; a searched one each point of the space's cost-changing
     choices, equally likely (the searcher's preferences are not known before it runs)."""
     # BENCHMARKS.md is read once per estimate, not once per trial and setting.
     text = BENCHMARKS.read_text()
-    measured = measured_epoch_s(text) if measured is None else measured
+    measured = measured_epoch_s(text)
     levers = measured_levers(text)
     hours: dict[str, float | None] = {}
     for device in ("cpu", "cuda"):

@@ -21,6 +21,7 @@ from odenet.config import ODE_MODELS
 from odenet.run import load_logged_run
 from odenet.stats import mean_interval
 from odenet.summary import reevaluation_metrics
+from odenet.sweep_record import PARENT, ROLE_TAG
 from sweeps.space import SweepError
 from sweeps.tuning import main, worker_env
 
@@ -66,7 +67,7 @@ def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
         raise SweepError([f"--experiment {args.experiment!r}: no such MLflow experiment at {tracking.tracking_uri()}"])
     # MLflow's search cannot filter params with IN: select the ODE models here.
     runs = [r for r in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=10_000)
-            if r.data.params.get("model") in ODE_MODELS and r.data.tags.get("sweep_role") != "parent"]
+            if r.data.params.get("model") in ODE_MODELS and r.data.tags.get(ROLE_TAG) != PARENT]
     if not runs:
         raise SweepError([f"experiment {args.experiment!r} has no finished ODE runs ({', '.join(ODE_MODELS)}) to "
                           f"re-evaluate: run a sweep of an ODE model into it first"])
