@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import REPO, isolation
+from tests.conftest import REPO, TELEMETRY_OFF, isolation
 
 README = REPO / "README.md"
 
@@ -84,28 +84,30 @@ def copy_checkout(root: Path) -> Path:
 
 
 def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """Run shell lines with bash as a user's terminal would, in a namespace of their own if possible."""
-    wrapper = isolation()
-    script = "set -eo pipefail\n" + ("ip link set lo up\n" if wrapper else "") + "\n".join(lines) + "\n"
+    """Run shell lines with bash as a user's terminal would, in a PID and network namespace of their
+    own: the README's `ray stop` and its services' fixed ports touch nothing outside, and killing
+    the namespace ends whatever the lines left running. Fails the test where none can be made."""
+    wrapper = isolation(required=True)
+    script = "set -eo pipefail\nip link set lo up\n" + "\n".join(lines) + "\n"
     proc = subprocess.Popen([*wrapper, "bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the script left behind, outside a namespace
+            os.killpg(proc.pid, signal.SIGKILL)  # the namespace's first process: the kernel ends the rest
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
 def user_env(home: Path, data_dir: Path) -> dict[str, str]:
-    """A fresh user's shell: no virtual environment, no tracking server, no Ray settings;
-    Ray's files in a short folder of their own (socket paths are limited to 108 bytes)."""
+    """A fresh user's shell: no virtual environment, no tracking server, no Ray settings but
+    telemetry off; Ray's files in a short folder of their own (socket paths are limited to 108 bytes)."""
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "ODENET_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, ODENET_DATA_DIR=str(data_dir),
+    env.update(TELEMETRY_OFF, HOME=str(home), RAY_TMPDIR=ray_tmp, ODENET_DATA_DIR=str(data_dir),
                PATH=os.pathsep.join(p for p in env.get("PATH", os.defpath).split(os.pathsep)
                                     if not p.startswith(str(REPO))))
     return env

@@ -322,7 +322,9 @@ KubernetesSchemaValidator = jsonschema.validators.extend(
 @functools.cache
 def crd_validator(kind: str, version: str):
     if not KUBERAY_CRDS.is_dir():
-        pytest.skip(f"{KUBERAY_CRDS} is absent: no KubeRay CRDs to validate ray.io objects against")
+        pytest.skip(f"{KUBERAY_CRDS} is absent: no KubeRay CRDs to validate ray.io objects against; put the "
+                    "operator's ray.io_rayclusters.yaml and ray.io_rayjobs.yaml there (KubeRay v1.7.0, "
+                    "ray-operator/config/crd/bases)")
     for path in KUBERAY_CRDS.glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())
         if crd.get("kind") == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind:
