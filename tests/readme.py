@@ -5,6 +5,7 @@ network namespace of its own where the machine allows it."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -111,3 +112,32 @@ def user_env(home: Path, data_dir: Path) -> dict[str, str]:
                PATH=os.pathsep.join(p for p in env.get("PATH", os.defpath).split(os.pathsep)
                                     if not p.startswith(str(REPO))))
     return env
+
+
+def section(heading: str, text: str | None = None) -> str:
+    """The README's text under `heading` (a whole heading line), up to the next heading of any level."""
+    text = README.read_text() if text is None else text
+    after = text.split(f"\n{heading}\n", 1)[1]
+    return re.split(r"^#{1,6} ", after, maxsplit=1, flags=re.M)[0]
+
+
+def table(text: str) -> list[dict[str, str]]:
+    """The first markdown table in `text`: one dict of cell strings per row, keyed by the header."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def number(text: str) -> float:
+    """A number as the README or a program prints it: 1,477 or **185 (7.7 days)** or 0.25."""
+    return float(re.search(r"-?[\d,]*\.?\d+", text.replace("*", "")).group().replace(",", ""))
+
+
+def same_number(shown: str, value: float, printed: bool = False) -> bool:
+    """`shown` (a README cell) is `value` rounded to the digits `shown` has. With `printed`, `value`
+    is itself rounded as --estimate prints hours: three significant digits, whole from 100 up."""
+    digits = re.search(r"\.(\d+)", shown.split("(")[0])
+    tolerance = 0.5 * 10 ** -(len(digits.group(1)) if digits else 0)
+    if printed and value:
+        tolerance += min(0.5, 0.5 * 10 ** (math.floor(math.log10(abs(value))) - 2))
+    return abs(number(shown) - value) <= tolerance + 1e-9
