@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -40,13 +39,30 @@ SMALLER = [
      [*TINY, "--seeds", "2", "--dimensions", "optimizer", "--no-reevaluate"]),
     # the demo above already runs the search smoke with two trials
     (("sweeps/architecture_ablation.py", "--smoke"), [*TINY, "--num-samples", "1"]),
-    (("sweeps/architecture_ablation.py",), [*TINY, "--num-samples", "2"]),
+    # its trials do not re-evaluate: then the eval_* metrics are solver_reevaluation.py's
+    (("sweeps/architecture_ablation.py",), [*TINY, "--num-samples", "2", "--no-reevaluate"]),
     (("sweeps/parameter_efficiency.py",),
      [*TINY, "--models", "odenet-simple,resnet-small", "--datasets", "fashion-mnist", "--seeds", "2",
       "--no-reevaluate"]),
     (("sweeps/solver_reevaluation.py",), ["--test-subset", "100"]),
 ]
 STEP = "=== step"
+ABLATED = "optimizer"  # the dimension the one-at-a-time designs ablate here (SMALLER)
+COST_HEADING = "### What a sweep will cost"
+# Run after the README command that holds the fragment, in its shell: a stack the README brought
+# up with `eval "$(... up ...)"` (which succeeds whatever `up` did) is healthy and keeps a run.
+PROBE_RUN = ("import os, mlflow; mlflow.set_experiment('readme-probe'); run = mlflow.start_run(); "
+             "mlflow.log_metric('probe', 1.0); mlflow.end_run(); "
+             "got = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics['probe']; "
+             "print('PROBE', os.environ['MLFLOW_TRACKING_URI'], run.info.run_id, 'logged', got)")
+PROBES = [("stack.sh up --backend postgres",
+           lambda text: f"infra/local/stack.sh status {stack_dir(text)} && .venv/bin/python -c {shlex.quote(PROBE_RUN)}")]
+
+
+def stack_dir(text: str) -> str:
+    """The --dir flag of a stack.sh command, or nothing (the default folder)."""
+    found = re.search(r"--dir \S+", text)
+    return found.group() if found else ""
 
 
 def kind(command: readme.Command) -> str:
@@ -70,6 +86,15 @@ def smaller(text: str) -> str:
         if all(fragment in text for fragment in fragments):
             return f"{text} {' '.join(flags)}"
     return text
+
+
+def step(name: str, text: str, steps) -> list[str]:
+    """Script lines that run one command into steps/NAME.log, print it, and stop the script if it failed."""
+    log = f"{steps}/{name}.log"
+    return [f"echo {shlex.quote(f'{STEP} {name}: {text}')}", "started=$SECONDS",
+            f"{{ {text} ; }} > {log} 2>&1; rc=$?; cat {log}",
+            f'echo "{STEP} took $((SECONDS - started)) s: {name}"',
+            f'[ $rc -eq 0 ] || {{ echo "{STEP} {name} failed: rc=$rc"; exit $rc; }}']
 
 
 def runnable() -> list[str]:
@@ -99,7 +124,7 @@ def test_every_readme_command_is_run_or_checked():
 
 
 @pytest.mark.parametrize("command", [c for c in readme.commands() if kind(c) == "static"], ids=lambda c: c.text[:60])
-def test_cluster_commands_are_valid_and_name_what_exists(command):
+def test_cluster_commands_are_valid_and_name_what_exists(command, capsys):
     text = command.text
     syntax = subprocess.run(["bash", "-n", "-c", text], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
@@ -112,10 +137,86 @@ def test_cluster_commands_are_valid_and_name_what_exists(command):
         program = next(t for t in tokens if t.startswith("sweeps/"))
         flags = tokens[tokens.index(program) + 1:]
         assert program == "sweeps/architecture_ablation.py", f"add a flag check for {program}"
-        checked = subprocess.run([sys.executable, "-c", "import sys; from sweeps.architecture_ablation import "
-                                  "parse_args; parse_args(sys.argv[1:])", *flags], cwd=REPO, capture_output=True,
-                                 text=True)
-        assert checked.returncode == 0, checked.stderr
+        from sweeps.architecture_ablation import parse_args  # in-process: one import for every command
+
+        try:
+            parse_args(flags)
+        except SystemExit as exc:
+            pytest.fail(f"{program} refuses the README's flags {flags} (exit {exc.code}): {capsys.readouterr().err}")
+
+
+# The README's cost table: its columns, and the line of --estimate's output each is read from.
+COST_COLUMNS = {"trials": r"^trials: ([\d,]+)$",
+                "trial-epochs (at most)": r"^trial-epochs: at most ([\d,.]+) ",
+                "GPU-hours (H200)": r"^GPU \(one H200[^)]*\): ([\d,.]+) device-hours",
+                "hours on 8 GPUs": r"^GPU \(one H200[^)]*\): .*, ([\d,.]+) hours on 8 GPUs$",
+                "CPU-hours (2 cores)": r"^CPU \(2 cores[^)]*\): ([\d,.]+) device-hours"}
+DATA_SETS = {"FashionMNIST": "fashion-mnist", "CIFAR-10": "cifar10"}
+
+
+def printed_costs(printed: str) -> dict[str, float]:
+    """--estimate's numbers, by the README table's column."""
+    found = {column: re.search(pattern, printed, re.M) for column, pattern in COST_COLUMNS.items()}
+    assert all(found.values()), f"--estimate printed no {[c for c, m in found.items() if not m]}:\n{printed}"
+    return {column: readme.number(match.group(1)) for column, match in found.items()}
+
+
+def assert_row_is_printed(row: dict[str, str], printed: str) -> None:
+    costs = printed_costs(printed)
+    for column, value in costs.items():
+        exact = column in ("trials", "trial-epochs (at most)")
+        assert (readme.number(row[column]) == value) if exact else readme.same_number(row[column], value, printed=True), \
+            f"the README's {row['sweep']} / {row['data set']}: {column} {row[column]}, --estimate prints {value}"
+
+
+def estimate_flags(row: dict[str, str]) -> list[str]:
+    """The flags of the sweep a row of the README's cost table names, at the study's settings."""
+    from sweeps.architecture_ablation import SEARCH_SPACE
+
+    if m := re.fullmatch(r"search, (\d+) samples, ASHA \(grace (\d+), η (\d+)\)", row["sweep"]):
+        flags = ["--num-samples", m[1], "--grace-period", m[2], "--reduction-factor", m[3]]
+    elif m := re.fullmatch(r"one-at-a-time, all (\d+) dimensions, (\d+) seeds", row["sweep"]):
+        assert int(m[1]) == len(SEARCH_SPACE), f"the study searches {len(SEARCH_SPACE)} dimensions, not {m[1]}"
+        flags = ["--design", "one-at-a-time", "--seeds", m[2]]
+    else:
+        raise AssertionError(f"no flags known for the README's cost row {row['sweep']!r}: add them here")
+    return [*flags, "--dataset", DATA_SETS[row["data set"]], "--estimate"]
+
+
+def test_the_readme_cost_table_is_what_estimate_prints(capsys):
+    """Every row of the README's whole-study table, the total and the --recipe fast sum, against
+    --estimate run with the row's flags (in-process: it starts nothing)."""
+    from sweeps.architecture_ablation import architecture_ablation
+
+    def estimate(flags: list[str]) -> str:
+        assert architecture_ablation(flags) is None
+        return capsys.readouterr().out
+
+    text = readme.section(COST_HEADING)
+    rows = readme.table(text)
+    *sweeps, together = rows
+    assert len(sweeps) == 4 and together["sweep"] == "**together**"
+    fast = []
+    for row in sweeps:
+        assert_row_is_printed(row, estimate(estimate_flags(row)))
+        fast.append(printed_costs(estimate([*estimate_flags(row), "--recipe", "fast"]))["hours on 8 GPUs"])
+    for column in ("trials", "trial-epochs (at most)"):
+        assert readme.number(together[column]) == sum(readme.number(r[column]) for r in sweeps), column
+    for column in ("GPU-hours (H200)", "hours on 8 GPUs", "CPU-hours (2 cores)"):
+        total = sum(readme.number(r[column]) for r in sweeps)
+        assert total == pytest.approx(readme.number(together[column]), rel=0.01), column  # sums of rounded cells
+    hours = readme.number(together["hours on 8 GPUs"])
+    days = re.search(r"\(([\d.]+) days\)", together["hours on 8 GPUs"]).group(1)
+    assert readme.same_number(days, hours / 24), f"{hours} hours are not {days} days"
+    # "With `--recipe fast` the same four sweeps come to at most 0.25 + 1.0 + 4.0 + 17.3 = 23 hours on 8 GPUs"
+    claim = re.search(r"--recipe fast` the same four sweeps come to at most ((?:[\d.,]+ \+ )+[\d.,]+) = ([\d.,]+) "
+                      r"hours on 8 GPUs", " ".join(text.split()))
+    assert claim, "the README's --recipe fast sentence is not where this test reads it"
+    parts = sorted(claim.group(1).split(" + "), key=readme.number)  # in its own order: compared sorted
+    assert len(parts) == len(fast)
+    for shown, value in zip(parts, sorted(fast)):
+        assert readme.same_number(shown, value, printed=True), f"--recipe fast: the README says {shown}, --estimate {value}"
+    assert readme.same_number(claim.group(2), sum(fast), printed=True), f"{claim.group(2)} is not {sum(fast)}"
 
 
 @pytest.mark.stack
@@ -130,11 +231,12 @@ def test_the_readme_runs_from_top_to_bottom(tmp_path_factory, real_data_dir):
     for i, text in enumerate(commands, start=1):
         # RUN_ID: the id of the latest run any earlier command printed
         text = text.replace("RUN_ID", f"$(grep -ohE 'mlflow run [0-9a-f]{{32}}' {steps}/*.log | tail -1 | cut -d' ' -f3)")
-        log = f"{steps}/{i:02d}.log"
-        script += [f"echo {shlex.quote(f'{STEP} {i}: {text}')}",
-                   f"{{ {text} ; }} > {log} 2>&1; rc=$?; cat {log}",
-                   f'[ $rc -eq 0 ] || {{ echo "{STEP} {i} failed: rc=$rc"; exit $rc; }}']
+        script += step(f"{i:02d}", text, steps)
+        for fragment, probe in PROBES:
+            if fragment in text:
+                script += step(f"{i:02d}-probe", probe(text), steps)
     result = readme.run_script(script, root, env, timeout=2400)
+    print("\n".join(line for line in result.stdout.splitlines() if line.startswith(f"{STEP} took")))
     assert result.returncode == 0, result.stdout[-8000:]
     out = {commands[i - 1]: (steps / f"{i:02d}.log").read_text() for i in range(1, len(commands) + 1)}
 
@@ -142,12 +244,26 @@ def test_the_readme_runs_from_top_to_bottom(tmp_path_factory, real_data_dir):
         (found,) = [text for command, text in out.items() if fragment in command]
         return found
 
-    # one run, its config file, its evaluation
-    assert "test accuracy" in output("--model odenet-simple --dataset fashion-mnist")
-    assert "run: resnet-small on fashion-mnist" in output("--config run.yaml")
+    def probed(fragment: str) -> str:
+        (i,) = [i for i, command in enumerate(commands, start=1) if fragment in command]
+        return (steps / f"{i:02d}-probe.log").read_text()
+
+    # one run, its config file, its evaluation: the run evaluated again gives the accuracy it logged
+    assert re.search(r"^test accuracy 0\.\d{4} ", output("--model odenet-simple --dataset fashion-mnist"), re.M)
+    configured = output("--config run.yaml")
+    assert "run: resnet-small on fashion-mnist" in configured
+    run_id = re.search(r"^mlflow run ([0-9a-f]{32}) ", configured, re.M).group(1)
+    accuracy = re.search(r"^test accuracy (\d\.\d{4}) ", configured, re.M).group(1)
+    evaluated = output("evaluate --run-id")
+    assert evaluated.startswith(f"run {run_id} (resnet-small on fashion-mnist, best epoch 1)"), evaluated[:300]
+    assert re.search(rf"^test accuracy {accuracy} ", evaluated, re.M), f"not {accuracy}:\n{evaluated[:400]}"
+    assert f"\nlogged test accuracy {accuracy}\n" in evaluated
     assert "--final-time" in output("train --help")
     assert "parameters:" in output("describe --model resnet-large")
-    assert re.search(r"test accuracy|accuracy", output("evaluate --run-id"))
+    # the cost of a sweep, as the README's table publishes it
+    (row,) = [r for r in readme.table(readme.section(COST_HEADING)) if r["data set"] == "CIFAR-10"
+              and r["sweep"].startswith("search, 64 samples")]
+    assert_row_is_printed(row, output("--estimate"))
     # the sweeps, each a new sweep under its own name
     store = MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
     assert len(table_rows(output("make demo"))) == 2
@@ -155,8 +271,10 @@ def test_the_readme_runs_from_top_to_bottom(tmp_path_factory, real_data_dir):
     ablation = store.get_experiment_by_name("ablation-1").experiment_id
     ode_runs = [r for r in store.search_runs([ablation], "attributes.status = 'FINISHED'")
                 if r.data.params.get("model") == "odenet-simple"]
-    assert ode_runs and all("eval_acc_rk4" in r.data.metrics and "eval_fnfe_dopri5_1e-1" in r.data.metrics
-                            for r in ode_runs), "solver_reevaluation.py wrote its metrics back"
+    # the trials ran with --no-reevaluate: their eval_* metrics can only be solver_reevaluation.py's
+    assert ode_runs and all(r.data.params["reevaluate"] == "False" for r in ode_runs)
+    assert all("eval_acc_rk4" in r.data.metrics and "eval_fnfe_dopri5_1e-1" in r.data.metrics
+               for r in ode_runs), "solver_reevaluation.py wrote its metrics back"
     assert "| dopri5_1e-3 |" in output("solver_reevaluation.py")
     report = (root / "report" / "report.md").read_text()
     assert "## Search" in report and "## Evaluation solver and tolerance" in report
@@ -176,17 +294,26 @@ def test_the_readme_runs_from_top_to_bottom(tmp_path_factory, real_data_dir):
             tags = run.data.tags
             assert tags["design"] == "one-at-a-time" and run.info.status == "FINISHED" and "stopped_by" not in tags
             cells.setdefault((tags["ablated_dimension"], tags["ablated_value"]), []).append(tags["seed"])
-        (base,) = {r.data.params["activation_before"] for r in runs if r.data.tags["ablated_dimension"] == "base"}
-        others = {("activation_before", v) for v in ("none", "relu", "tanh", "softplus") if v != base}
+        (base,) = {r.data.params[ABLATED] for r in runs if r.data.tags["ablated_dimension"] == "base"}
+        others = {(ABLATED, v) for v in ("adam", "sgd") if v != base}
         assert set(cells) == {("base", "base"), *others}
         assert all(sorted(seeds) == ["0", "1"] for seeds in cells.values())
-    table = pd.read_csv(root / "report-effects" / "one_at_a_time_activation_before.csv")
-    assert len(table) == 4 and table["verdict"].iloc[1:].str.match(
+    table = pd.read_csv(root / "report-effects" / f"one_at_a_time_{ABLATED}.csv")
+    assert len(table) == 2 and table["verdict"].iloc[1:].str.match(
         r"(higher by|lower by|no difference detectable with 2 seeds)").all()
-    # the real stack: up, healthy, a run logged through the server, down; and on PostgreSQL
-    assert "export MLFLOW_TRACKING_URI=" in output("stack.sh up --auth") or "MLFLOW" in output("stack.sh status")
-    assert "mlflow run" in output("--model resnet-small --subset 2048") and "http://" in output(
-        "--model resnet-small --subset 2048")
+    # the real stack: up, every service healthy, a run logged through its server; down
+    status = output("stack.sh status")
+    services = dict(re.findall(r"^(\w+): (healthy|running, not answering|stopped) \(", status, re.M))
+    assert set(services) == {"store", "tracking"} and set(services.values()) == {"healthy"}, status
+    uri = re.search(r"^MLFLOW_TRACKING_URI=(http://\S+)$", status, re.M).group(1)
+    served = output("--model resnet-small --subset 2048")
+    assert re.search(rf"^mlflow run [0-9a-f]{{32}} in experiment .* at {re.escape(uri)}$", served, re.M), served[-800:]
+    assert "stopped the stack" in out["infra/local/stack.sh down"]
+    # and on PostgreSQL: up, healthy with PostgreSQL as its store, holding the run logged through it
+    pg = probed("--backend postgres")
+    services = dict(re.findall(r"^(\w+): (healthy|running, not answering|stopped) \(", pg, re.M))
+    assert set(services) == {"postgres", "store", "tracking"} and set(services.values()) == {"healthy"}, pg
+    assert re.search(r"^PROBE http://\S+ [0-9a-f]{32} logged 1.0$", pg, re.M), pg
     assert "stopped the stack" in output("stack.sh down --dir .stack-pg")
     # and nothing of it is left for `git status` to see
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
