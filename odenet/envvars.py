@@ -10,8 +10,15 @@ TRACKING_USERNAME = "MLFLOW_TRACKING_USERNAME"
 TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 TRACKING = (TRACKING_URI, TRACKING_USERNAME, TRACKING_PASSWORD)
 
-# How long the end of a run waits for the tracking server or the store to come back.
+# How long the start or the end of a run waits for the tracking server or the store to come back.
 TRACKING_RETRY_S = "ODENET_TRACKING_RETRY_S"
+# MLflow's own retries and timeout per HTTP call (read at every call); the tracker sets them from
+# TRACKING_RETRY_S unless the user did, so that its budget bounds the whole wait.
+MLFLOW_HTTP_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+MLFLOW_HTTP_BACKOFF_FACTOR = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+MLFLOW_HTTP_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+# Off in the processes the tests start (MLflow's clients and servers report usage otherwise).
+MLFLOW_TELEMETRY_OFF = "MLFLOW_DISABLE_TELEMETRY"
 
 # S3 for Ray Tune's storage path (sweep state, trial checkpoints). The endpoint is
 # only set for S3-compatible stores (SeaweedFS); on AWS it stays unset and the

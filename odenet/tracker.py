@@ -7,6 +7,7 @@ fails loudly.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import tempfile
@@ -28,26 +29,68 @@ from odenet.train import EpochMetrics
 if TYPE_CHECKING:
     from odenet.run import RunOutcome
 
+# Outages and retries are reported here (on stderr, through logging's last-resort handler, when
+# nothing configured logging); tests wait on these records to meet an outage.
+log = logging.getLogger(__name__)
+
 # A tag that names what a run is for (a Tune trial's id): one run per identity.
 IDENTITY_TAG = "run_identity"
 
 
 def _retry_budget_s() -> float:
-    # How long the end of a run waits for an outage to pass before failing loudly.
+    # How long the start or the end of a run waits for an outage to pass before failing loudly.
     return float(os.environ.get(envvars.TRACKING_RETRY_S, "600"))
 
 
-def _retrying(action: Callable[[], Any], what: str, budget_s: float) -> Any:
-    """Run `action` until it succeeds or `budget_s` has passed; then raise TrackingError."""
-    deadline = time.monotonic() + budget_s
+def _deadline() -> float:
+    """When the wait that starts now must end (time.monotonic()), and MLflow's own HTTP retries
+    kept inside it."""
+    budget = _retry_budget_s()
+    bound_mlflow_http(budget)
+    return time.monotonic() + budget
+
+
+# What this process last set each of MLflow's HTTP variables to: a value that differs was set by
+# the user, who then keeps it (and with it MLflow's own wait per call).
+_http_set_here: dict[str, str] = {}
+
+
+def mlflow_http_limits(budget_s: float) -> dict[str, str]:
+    """MLflow's own retries and timeout per call, from the budget. Each MLflow call retries by
+    itself (by default 7 times with doubling waits: about 4 minutes) before our loop sees the
+    error, and our deadline is checked only between calls. So MLflow retries twice, ~0 s and
+    ~2 s apart (kept for a blip in calls our loop does not wrap), with a timeout of budget/8
+    (5 to 120 s) for connecting and for each read: a refused connection or a server error
+    costs one call a few seconds, a server that hangs about 3 timeouts."""
+    timeout = int(min(max(budget_s / 8, 5), 120))
+    return {envvars.MLFLOW_HTTP_MAX_RETRIES: "2", envvars.MLFLOW_HTTP_BACKOFF_FACTOR: "1",
+            envvars.MLFLOW_HTTP_TIMEOUT: str(timeout)}
+
+
+def bound_mlflow_http(budget_s: float) -> None:
+    """Set MLflow's HTTP variables, which it reads at every call, from the budget (for this
+    process and those it starts), unless the user set them."""
+    for name, value in mlflow_http_limits(budget_s).items():
+        if os.environ.get(name) in (None, _http_set_here.get(name)):
+            os.environ[name] = _http_set_here[name] = value
+
+
+def _retrying(action: Callable[[], Any], what: str, deadline: float) -> Any:
+    """Run `action` until it succeeds; after the first try, only until `deadline`
+    (time.monotonic()); then raise TrackingError. Each failure is logged with the time left."""
+    started = time.monotonic()
     wait = 1.0
     while True:
         try:
             return action()
         except Exception as exc:  # MLflow raises MlflowException, requests and botocore errors
-            if time.monotonic() + wait > deadline:
-                raise TrackingError(f"{what} failed for {budget_s:.0f}s, last error: {exc}") from exc
-            time.sleep(wait)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingError(f"{what} failed for {time.monotonic() - started:.0f}s "
+                                    f"({envvars.TRACKING_RETRY_S}={_retry_budget_s():g}), last error: {exc}") from exc
+            log.warning("%s failed (%s: %s); trying again in %.0f s, %.0f s left of %s", what,
+                        type(exc).__name__, str(exc)[:300], min(wait, left), left, envvars.TRACKING_RETRY_S)
+            time.sleep(min(wait, left))  # the last try comes at the deadline
             wait = min(wait * 2, 15.0)
 
 
@@ -74,14 +117,21 @@ class MetricWriter:
     def _loop(self) -> None:
         while True:
             batch = self._queue.get()
-            wait = 1.0
+            wait, down_since = 1.0, None
             while True:
                 try:
                     self._send(batch)
                     break
-                except Exception:
+                except Exception as exc:
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        log.warning("the tracking server does not take epoch metrics (%s: %s); they wait "
+                                    "and are sent once it answers", type(exc).__name__, str(exc)[:300])
                     time.sleep(wait)
                     wait = min(wait * 2, 10.0)
+            if down_since is not None:
+                log.warning("epoch metrics reach the tracking server again, after %.0f s",
+                            time.monotonic() - down_since)
             with self._lock:
                 self._pending -= 1
                 self._lock.notify_all()
@@ -121,25 +171,25 @@ class MlflowTracker:
         reached the server are sent now, and epochs the server already has are not sent again
         when a restarted trial trains them anew: each epoch is logged once."""
         mlflow_client = client()
-        budget = _retry_budget_s()
-        resume_run_id = resume_run_id or self._existing_run()
+        deadline = _deadline()  # one wait for opening the run, however many calls it takes
+        resume_run_id = resume_run_id or _retrying(self._existing_run, "looking for the run", deadline)
         if resume_run_id is not None:
             self.run_id = resume_run_id
             running = RunStatus.to_string(RunStatus.RUNNING)
-            _retrying(lambda: mlflow_client.update_run(resume_run_id, status=running), "reopening the run", budget)
+            _retrying(lambda: mlflow_client.update_run(resume_run_id, status=running), "reopening the run", deadline)
             self._logged_epochs = _retrying(
                 lambda: {m.step for m in mlflow_client.get_metric_history(resume_run_id, "val_acc")},
-                "reading the run", budget)
+                "reading the run", deadline)
         else:
             tags = {**run_tags(config), **self.extra_tags}
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            experiment = _retrying(lambda: experiment_id(self.experiment), "finding the experiment", budget)
+            experiment = _retrying(lambda: experiment_id(self.experiment), "finding the experiment", deadline)
             run = _retrying(lambda: mlflow_client.create_run(experiment, run_name=self.run_name, tags=tags),
-                            "creating the run", budget)
+                            "creating the run", deadline)
             self.run_id = run.info.run_id
             params = [Param(k, str(v)) for k, v in config.to_dict().items()]
-            _retrying(lambda: mlflow_client.log_batch(self.run_id, params=params), "logging params", budget)
+            _retrying(lambda: mlflow_client.log_batch(self.run_id, params=params), "logging params", deadline)
         self._writer = MetricWriter(lambda metrics: client().log_batch(self.run_id, metrics=metrics))
         for values in history:
             self._queue_epoch(dict(values))
@@ -170,26 +220,28 @@ class MlflowTracker:
     def finish(self, outcome: RunOutcome) -> None:
         with tempfile.TemporaryDirectory() as folder:
             write_run_artifacts(outcome, Path(folder))
-            self._close(outcome.final_metrics(), Path(folder), "FINISHED")
+            self._close(outcome.final_metrics(), Path(folder), "FINISHED", _deadline())
 
     def fail(self, error: Diverged) -> None:
         tags = {"failure_cause": error.cause, "failure_epoch": str(error.epoch),
                 "failure_batch": "" if error.batch is None else str(error.batch),
                 "failure_detail": error.detail[:4000]}
-        self._set_tags(tags)
+        deadline = _deadline()
+        self._set_tags(tags, deadline)
         with tempfile.TemporaryDirectory() as folder:
             write_history_artifacts(self._history, Path(folder))
-            self._close({}, Path(folder), "FAILED")
+            self._close({}, Path(folder), "FAILED", deadline)
 
     def error(self, trace: str) -> None:
         """A run that raised: FAILED, with the traceback as a tag and as `error.txt`."""
         if self.run_id is None:
             return
-        self._set_tags({"failure_cause": "error", "failure_detail": trace[-4000:]})
+        deadline = _deadline()
+        self._set_tags({"failure_cause": "error", "failure_detail": trace[-4000:]}, deadline)
         with tempfile.TemporaryDirectory() as folder:
             write_history_artifacts(self._history, Path(folder))
             (Path(folder) / "error.txt").write_text(trace)
-            self._close({}, Path(folder), "FAILED")
+            self._close({}, Path(folder), "FAILED", deadline)
 
     def abort(self) -> None:
         """An interrupted run (Ctrl-C, a stopped trial) is KILLED; a resume sets it RUNNING again."""
@@ -212,25 +264,27 @@ class MlflowTracker:
         run = first_run(self.experiment, f"tags.{IDENTITY_TAG} = '{identity}'")
         return run.info.run_id if run else None
 
-    def _set_tags(self, tags: dict[str, str]) -> None:
+    def _set_tags(self, tags: dict[str, str], deadline: float) -> None:
         _retrying(lambda: client().log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
-                  "setting tags", _retry_budget_s())
+                  "setting tags", deadline)
 
-    def _close(self, final_metrics: dict[str, float], artifacts: Path, status: str) -> None:
-        budget = _retry_budget_s()
-        self._writer.flush(timeout_s=budget)
+    def _close(self, final_metrics: dict[str, float], artifacts: Path, status: str, deadline: float) -> None:
+        """Send what is queued, the final metrics and the artifacts, and close the run, all within
+        one wait (`deadline`): the budget bounds the end of a run, not each of its calls."""
+        self._writer.flush(timeout_s=max(deadline - time.monotonic(), 0))
         mlflow_client = client()
         now = int(time.time() * 1000)
         if final_metrics:
             metrics = [Metric(k, float(v), now, 0) for k, v in final_metrics.items()]
-            _retrying(lambda: mlflow_client.log_batch(self.run_id, metrics=metrics), "logging final metrics", budget)
+            _retrying(lambda: mlflow_client.log_batch(self.run_id, metrics=metrics), "logging final metrics", deadline)
         try:
-            _retrying(lambda: mlflow_client.log_artifacts(self.run_id, str(artifacts)), "uploading artifacts", budget)
+            _retrying(lambda: mlflow_client.log_artifacts(self.run_id, str(artifacts)), "uploading artifacts", deadline)
         except TrackingError as exc:
-            self._set_tags({"failure_cause": "artifact_upload", "failure_detail": str(exc)[:4000]})
+            # the budget is spent: one try each to mark the run, then fail loudly
+            self._set_tags({"failure_cause": "artifact_upload", "failure_detail": str(exc)[:4000]}, deadline)
             mlflow_client.set_terminated(self.run_id, "FAILED")
             raise
-        _retrying(lambda: mlflow_client.set_terminated(self.run_id, status), "closing the run", budget)
+        _retrying(lambda: mlflow_client.set_terminated(self.run_id, status), "closing the run", deadline)
 
     def print_where(self) -> None:
         """Tell the user where the run is and how to look at it."""

@@ -22,6 +22,10 @@ import signal
 import pytest
 
 from infra.local.stack import Stack
+from odenet import envvars
+
+#: What the servers a test starts (and their clients) get: no usage reports to MLflow.
+SERVERS_ENV = {envvars.MLFLOW_TELEMETRY_OFF: "true"}
 
 _live: list[Stack] = []
 
@@ -52,6 +56,7 @@ def _guard(stack: Stack) -> None:
 @pytest.fixture(scope="session")
 def tracking_stack(tmp_path_factory) -> Stack:
     """SeaweedFS + bucket + MLflow server (SQLite, basic auth) on free ports, for the whole session."""
+    os.environ.update(SERVERS_ENV)  # the servers inherit it, also when a test restarts one
     stack = Stack(tmp_path_factory.mktemp("stack"), backend="sqlite", auth=True, ports=0)
     _guard(stack)
     try:

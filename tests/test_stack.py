@@ -1,11 +1,15 @@
 """The local tracking stack itself (infra/local/): it comes up, answers, keeps
 artifacts in the bucket and runs across restarts, refuses bad credentials, and `down`
-leaves no process behind; with SQLite (the session fixture) and PostgreSQL; from Python
-and from the command line."""
+leaves no process behind; with SQLite (the session fixture, from Python) and PostgreSQL
+(from the command line, `eval "$(stack.sh up ...)"` as the README has it, which fails when
+`up` does)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
+import socket
 import subprocess
 import tempfile
 import uuid
@@ -22,6 +26,7 @@ from infra.local.ports import DEFAULT_PORTS, GRPC_OFFSET, WEED_GRPC, free_port
 from infra.local.postgres import postgres_bin
 from infra.local.service import group_members
 from infra.local.stack import Stack
+from tests.stack import SERVERS_ENV
 
 pytestmark = pytest.mark.stack
 
@@ -41,6 +46,15 @@ def stack_processes(stack: Stack, *services: str) -> list[psutil.Process]:
                 for child in p.children(recursive=True):
                     found[child.pid] = child
     return list(found.values())
+
+
+def command_lines(processes: list[psutil.Process]) -> list[tuple[str, str]]:
+    """(name, command line) of each process still there (a PostgreSQL backend may come and go)."""
+    out = []
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            out.append((p.name(), " ".join(p.cmdline())))
+    return out
 
 
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
@@ -149,80 +163,129 @@ def test_a_restarted_store_keeps_its_objects(tracking_stack, tracking_env):
     s3.delete_object(Bucket=tracking_stack.bucket, Key=key)
 
 
-# -- stacks of their own -----------------------------------------------------------------------------------------
+# -- stacks of their own, through the command line as the README runs it ----------------------------------------
 
 
-@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-def test_the_postgres_backend_logs_runs_and_down_leaves_no_process(tmp_path):
-    # As root the cluster belongs to `postgres`, which cannot enter pytest's 0700 tmp folders.
-    folder = Path(tempfile.mkdtemp(prefix="odenet-stack-pg-"))
-    stack = Stack(folder, backend="postgres", ports=0)
-    try:
-        stack.up()
-        status = stack.status()
-        assert all(s["healthy"] for s in status.values()) and set(status) == {"store", "postgres", "tracking"}
-        assert stack.tracking.backend_store_uri.startswith("postgresql+psycopg2://")
-        client = MlflowClient(tracking_uri=stack.tracking_uri)
-        experiment_id, run_id = log_run_with_artifact(client, "stack-pg", tmp_path)
-        assert client.get_run(run_id).data.metrics == {"val_acc": 0.5}
-        listed = stack.s3_client().list_objects_v2(Bucket=stack.bucket, Prefix=f"{stack.prefix}/{experiment_id}/")
-        assert len(listed.get("Contents", [])) == 1
-        assert not (folder / "mlflow.db").exists(), "the runs must be in PostgreSQL, not SQLite"
-        processes = stack_processes(stack)
-        names = {p.name() for p in processes}
-        assert {"weed", "postgres"} <= names and any("mlflow" in " ".join(p.cmdline()) for p in processes)
-    finally:
-        stack.down()
-    assert alive(processes) == []
-    assert stack.leftover_processes() == []
-    assert stack.pids == {} and Stack.load(folder).pids == {}
-    subprocess.run(["rm", "-rf", str(folder)], check=False)
-
-
-def test_the_command_line_round_trip_with_explicit_ports(tmp_path):
-    folder = tmp_path / "cli-stack"
+def explicit_ports() -> dict[str, int]:
+    """A free port for every service (and its gRPC port + 10000 where weed has one), each given explicitly."""
     taken: set[int] = set()
     ports = {}
     for name in DEFAULT_PORTS:
-        if name == "postgres":
-            continue
         ports[name] = free_port(grpc=name in WEED_GRPC, avoid=taken)
         taken |= {ports[name], ports[name] + GRPC_OFFSET}
-    flags = ["--dir", str(folder), "--auth", "--s3-port", str(ports["s3"]), "--mlflow-port", str(ports["mlflow"])]
-    flags += [f"--port={name}={port}" for name, port in ports.items() if name not in ("s3", "mlflow")]
+    return ports
 
-    def cli(*args, timeout=180):
-        return subprocess.run([str(STACK_SH), *args], capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
-    up = cli("up", *flags)
+def port_flags(ports: dict[str, int]) -> list[str]:
+    named = {"s3": "--s3-port", "mlflow": "--mlflow-port", "postgres": "--postgres-port"}
+    return [f"{named[n]}={p}" if n in named else f"--port={n}={p}" for n, p in ports.items()]
+
+
+def stack_sh(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(STACK_SH), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=user_env())
+
+
+def user_env() -> dict[str, str]:
+    """A shell with none of the stack variables a test may have exported, and telemetry off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    return {**env, **SERVERS_ENV}
+
+
+def eval_up(*flags: str, cwd: Path) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """`eval "$(stack.sh up FLAGS)"` in bash, as the README has it; its exit status and the
+    stack variables the shell has after it."""
+    script = (f'eval "$({shlex.quote(str(STACK_SH))} up {shlex.join(flags)})" || exit $?\n'
+              'env -0 | grep -zE "^(MLFLOW|AWS)_" || true\n')
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=240, cwd=cwd,
+                            env=user_env())
+    exported = dict(item.split("=", 1) for item in result.stdout.split("\0") if "=" in item)
+    return result, exported
+
+
+def own_folder() -> Path:
+    # As root the cluster belongs to `postgres`, which cannot enter pytest's 0700 tmp folders.
+    return Path(tempfile.mkdtemp(prefix="odenet-stack-pg-"))
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+def test_the_postgres_stack_from_the_command_line_is_up_healthy_and_holds_a_run(tmp_path, monkeypatch):
+    folder = own_folder()
+    ports = explicit_ports()
+    processes: list[psutil.Process] = []
     try:
+        up, exported = eval_up("--dir", str(folder), "--backend", "postgres", "--auth", *port_flags(ports),
+                               cwd=tmp_path)
         assert up.returncode == 0, up.stdout + up.stderr
-        exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
-                       if line.startswith("export "))
-        assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow']}"
-        assert exports["AWS_ENDPOINT_URL"] == exports["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{ports['s3']}"
+        # the shell has the stack's variables, on the ports asked for
+        assert exported["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow']}"
+        assert exported["AWS_ENDPOINT_URL"] == exported["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{ports['s3']}"
         assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY"} <= set(exports)
-        assert "the stack is up in " in up.stdout
+                "AWS_SECRET_ACCESS_KEY"} <= set(exported)
         stack = Stack.load(folder)
-        assert stack.ports == {**DEFAULT_PORTS, **ports, "postgres": DEFAULT_PORTS["postgres"]}
-        auth = (exports["MLFLOW_TRACKING_USERNAME"], exports["MLFLOW_TRACKING_PASSWORD"])
-        assert requests.get(f"{exports['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search",
-                            params={"max_results": 1}, auth=auth, timeout=10).status_code == 200
-
-        again = cli("up", "--dir", str(folder))
+        assert stack.ports == ports and stack.backend == "postgres"
+        processes = stack_processes(stack)
+        assert {"weed", "postgres"} <= {name for name, _ in command_lines(processes)}
+        assert any("mlflow server" in line for _, line in command_lines(processes))
+        # healthy
+        health = requests.get(f"{exported['MLFLOW_TRACKING_URI']}/health", timeout=10)
+        assert health.status_code == 200 and health.text.strip() == "OK"
+        status = stack_sh("status", "--dir", str(folder), cwd=tmp_path)
+        assert status.returncode == 0, status.stdout + status.stderr
+        for service in ("store", "postgres", "tracking"):
+            assert f"{service}: healthy" in status.stdout
+        # a run logged with the exported variables, read back through MLflow, its row in PostgreSQL
+        for key, value in exported.items():
+            monkeypatch.setenv(key, value)
+        client = MlflowClient()
+        experiment_id, run_id = log_run_with_artifact(client, "stack-pg", tmp_path)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics == {"val_acc": 0.5}
+        note = client.download_artifacts(run_id, "notes/note.txt", str(tmp_path))
+        assert Path(note).read_text() == f"hello from {run_id}\n"
+        listed = stack.s3_client().list_objects_v2(Bucket=stack.bucket, Prefix=f"{stack.prefix}/{experiment_id}/")
+        assert len(listed.get("Contents", [])) == 1
+        row = stack.postgres._run("psql", "-h", "127.0.0.1", "-p", str(ports["postgres"]), "-U", "mlflow", "-d",
+                                  "mlflow", "-tAc", f"SELECT name FROM runs WHERE run_uuid = '{run_id}'",
+                                  as_owner=False, env={"PGPASSWORD": stack.pg_password})
+        assert row.stdout.strip() == "stack-check"
+        assert not (folder / "mlflow.db").exists(), "the runs must be in PostgreSQL, not SQLite"
+        # `up` again prints the running stack's variables
+        again = stack_sh("up", "--dir", str(folder), cwd=tmp_path)
         assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
         assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{ports['mlflow']}" in again.stdout
-
-        status = cli("status", "--dir", str(folder))
-        assert status.returncode == 0, status.stdout + status.stderr
-        assert "store: healthy" in status.stdout and "tracking: healthy" in status.stdout
-        processes = stack_processes(stack)
-        assert {"weed"} <= {p.name() for p in processes} and len(processes) >= 3  # weed, mlflow, uvicorn + workers
     finally:
-        down = cli("down", "--dir", str(folder))
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert alive(processes) == []
-    assert Stack.load(folder).leftover_processes() == []
-    after = cli("status", "--dir", str(folder))
-    assert after.returncode == 3 and "store: stopped" in after.stdout and "tracking: stopped" in after.stdout
+        down = stack_sh("down", "--dir", str(folder), cwd=tmp_path)
+    try:
+        assert down.returncode == 0 and "stopped the stack" in down.stdout, down.stdout + down.stderr
+        assert processes and alive(processes) == []
+        assert Stack.load(folder).leftover_processes() == [] and Stack.load(folder).pids == {}
+        after = stack_sh("status", "--dir", str(folder), cwd=tmp_path)
+        assert after.returncode == 3 and "postgres: stopped" in after.stdout and "tracking: stopped" in after.stdout
+        assert "nothing to stop" in stack_sh("down", "--dir", str(folder), cwd=tmp_path).stdout
+    finally:
+        subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+def test_an_up_that_fails_fails_its_eval_and_leaves_no_stack(tmp_path):
+    folder = own_folder()
+    ports = explicit_ports()
+    try:
+        with socket.socket() as squatter:  # PostgreSQL cannot have its port
+            squatter.bind(("127.0.0.1", ports["postgres"]))
+            squatter.listen()
+            up, exported = eval_up("--dir", str(folder), "--backend", "postgres", *port_flags(ports), cwd=tmp_path)
+        assert up.returncode != 0, up.stdout + up.stderr
+        assert "error: pg_ctl failed" in up.stderr
+        assert "MLFLOW_TRACKING_URI" not in exported and "export" not in up.stdout
+        # no record of a stack that never came up, and nothing of it left running
+        assert not (folder / "state.json").exists()
+        assert Stack(folder).leftover_processes() == []
+        status = stack_sh("status", "--dir", str(folder), cwd=tmp_path)
+        assert status.returncode == 1 and "no stack in" in status.stderr, status.stdout + status.stderr
+        down = stack_sh("down", "--dir", str(folder), cwd=tmp_path)
+        assert down.returncode == 0 and "nothing to stop" in down.stdout, down.stdout + down.stderr
+    finally:
+        stack_sh("down", "--dir", str(folder), cwd=tmp_path)
+        subprocess.run(["rm", "-rf", str(folder)], check=False)

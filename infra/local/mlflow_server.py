@@ -33,7 +33,10 @@ class MlflowServer(Service):
         env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.access_key,
                "AWS_SECRET_ACCESS_KEY": stack.secret_key, "AWS_DEFAULT_REGION": REGION,
                # the job runner (huey consumers, a folder in /dev/shm) serves GenAI features only
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               # an upload to a store that is down fails in about a second, not after botocore's
+               # 5 tries: the client retries it within its own budget (odenet.tracker)
+               "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "2"}
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                      "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
                      "MLFLOW_AUTH_CONFIG_PATH", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):

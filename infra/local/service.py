@@ -14,12 +14,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import psutil
-
-if TYPE_CHECKING:
-    from infra.local.stack import Stack
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -81,6 +78,35 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
+class StackSettings(Protocol):
+    """What a service reads from the stack it belongs to (infra/local/stack.py's Stack, which
+    imports the services: naming it here would make an import circle)."""
+
+    dir: Path
+    ports: dict[str, int]
+    bucket: str
+    prefix: str
+    workers: int
+    auth: bool
+    access_key: str | None
+    secret_key: str | None
+    username: str | None
+    password: str | None
+    pg_password: str | None
+    flask_secret: str | None
+    postgres: Any  # its PostgreSQL service, or None with SQLite
+
+    @property
+    def s3_endpoint(self) -> str: ...
+
+    @property
+    def tracking_uri(self) -> str: ...
+
+    def s3_client(self, **config) -> Any: ...
+
+    def save(self) -> None: ...
+
+
 class Service:
     """One server of the stack: start() (a no-op while it runs), stop(), healthy().
 
@@ -93,7 +119,7 @@ class Service:
     log_name: str  # its log file in the stack's folder
     label: str  # how messages name it
 
-    def __init__(self, stack: Stack):
+    def __init__(self, stack: StackSettings):
         self.stack = stack
         self.pid: int | None = None
         self._handle: subprocess.Popen | None = None

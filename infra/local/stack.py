@@ -6,10 +6,13 @@ with a SQLite or PostgreSQL backend store and, optionally, MLflow's basic-auth a
     infra/local/stack.sh status [--dir .stack]
     infra/local/stack.sh down [--dir .stack]
 
-`up` prints the variables to export. Each service runs in its own process group and is
-stopped by it, so nothing it started (MLflow's uvicorn workers, PostgreSQL's backends)
-outlives `down`. Data, logs and `state.json` (ports, PIDs, credentials; mode 0600) stay
-in --dir, and a later `up` there reuses them.
+`up` prints the variables to export, or, when it fails, the one command `false`, so that
+`eval "$(stack.sh up)"` fails too (an empty output would eval to success). Each service runs
+in its own process group and is stopped by it, so nothing it started (MLflow's uvicorn
+workers, PostgreSQL's backends) outlives `down`. Data, logs, `secrets.json` (the credentials
+the services were set up with; mode 0600) and `state.json` (ports, PIDs; written once every
+service answers, so a failed `up` leaves no stack for `status` or `down` to report) stay in
+--dir, and a later `up` there reuses them.
 
 Ports default to the usual ones (S3 8333, MLflow 5000, ...); 0 picks a free one and
 --free-ports picks free ones for every port not given. `weed mini` also listens on gRPC
@@ -37,6 +40,7 @@ import os
 import re
 import secrets
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -60,6 +64,8 @@ from infra.local.service import HOST, REGION, Service, StackError, group_members
 PORT_TAKEN = re.compile(r"address already in use|is not available|could not bind", re.IGNORECASE)
 #: Secrets that a later `up` in the same folder reuses unless it is given new ones.
 SECRETS = ("access_key", "secret_key", "username", "password", "pg_password", "flask_secret")
+#: What `up` prints when it fails: `eval` of it fails, as `up` did.
+UP_FAILED = "false"
 
 
 class AlreadyRunning(StackError):
@@ -103,6 +109,9 @@ class Stack:
         self.postgres = Postgres(self) if backend == "postgres" else None
         self.tracking = MlflowServer(self)
         self._lock = threading.RLock()
+        # state.json is written only for a stack that came up (or was loaded): until then it
+        # would announce services that may never answer
+        self._recorded = False
 
     @property
     def services(self) -> list[Service]:
@@ -120,17 +129,18 @@ class Stack:
     def state_file(self) -> Path:
         return self.dir / "state.json"
 
+    @property
+    def secrets_file(self) -> Path:
+        return self.dir / "secrets.json"
+
     def save(self) -> None:
+        """Record ports and PIDs in state.json, once the stack came up; a no-op before."""
         with self._lock:
-            if not self.dir.exists():  # removed after `down` (tests do); nothing left to record
+            if not self._recorded or not self.dir.exists():  # removed after `down` (tests do)
                 return
             state = {"dir": str(self.dir), "backend": self.backend, "auth": self.auth, "ports": self.ports,
-                     "bucket": self.bucket, "prefix": self.prefix, **{name: getattr(self, name) for name in SECRETS},
-                     "workers": self.workers, "pids": self.pids}
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=1))
-            tmp.chmod(0o600)  # it holds the credentials
-            tmp.replace(self.state_file)
+                     "bucket": self.bucket, "prefix": self.prefix, "workers": self.workers, "pids": self.pids}
+            _write_json(self.state_file, state)
 
     @classmethod
     def load(cls, directory: str | os.PathLike = ".stack") -> Stack:
@@ -140,13 +150,13 @@ class Stack:
             raise StackError(f"no stack in {path.parent} (no state.json): run `up` first")
         state = json.loads(path.read_text())
         stack = cls(state["dir"], backend=state["backend"], auth=state["auth"], ports=state["ports"],
-                    bucket=state["bucket"], prefix=state["prefix"], access_key=state["access_key"],
-                    secret_key=state["secret_key"], username=state["username"], password=state["password"],
-                    workers=state.get("workers", 2))
+                    bucket=state["bucket"], prefix=state["prefix"], workers=state.get("workers", 2))
+        for name, value in _read_secrets(path.parent).items():
+            setattr(stack, name, value)
         stack.ports = dict(state["ports"])
-        stack.pg_password, stack.flask_secret = state.get("pg_password"), state.get("flask_secret")
         for service in stack.services:
             service.pid = state.get("pids", {}).get(service.name)
+        stack._recorded = True
         return stack
 
     # -- what clients need ------------------------------------------------------------------------------------
@@ -191,18 +201,24 @@ class Stack:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.dir.chmod(0o700)
             if self.state_file.exists():
-                self._take_secrets_from(Stack.load(self.dir))
+                if any(s.alive() for s in Stack.load(self.dir).services):
+                    raise AlreadyRunning(f"a stack is already running from {self.dir}")
+                self.state_file.unlink()  # that stack is stopped; this one is recorded once it is up
+            self._take_secrets(_read_secrets(self.dir))
             self.access_key = self.access_key or "odenet-" + secrets.token_hex(6)
             self.secret_key = self.secret_key or secrets.token_urlsafe(30)
             self.username = self.username or "admin"
             self.password = self.password or secrets.token_urlsafe(18)  # MLflow wants 12+ characters
             self.pg_password = self.pg_password or secrets.token_urlsafe(18)
             self.flask_secret = self.flask_secret or secrets.token_hex(24)  # CSRF key of the auth app
+            # before any service starts: initdb and MLflow's auth database keep the first ones
+            _write_json(self.secrets_file, {name: getattr(self, name) for name in SECRETS})
             for attempt in range(3):
                 self.ports = pick_ports(self.requested_ports)
-                self.save()
                 try:
                     self.ensure_running()
+                    self._recorded = True
+                    self.save()
                     break
                 except BaseException as exc:
                     with contextlib.suppress(Exception):
@@ -213,16 +229,15 @@ class Stack:
                         raise
         return time.monotonic() - started
 
-    def _take_secrets_from(self, previous: Stack) -> None:
-        """Reuse the secrets of the stack that ran in this folder before, unless given new ones."""
-        if any(s.alive() for s in previous.services):
-            raise AlreadyRunning(f"a stack is already running from {self.dir}")
+    def _take_secrets(self, recorded: dict[str, str | None]) -> None:
+        """Reuse the secrets an earlier `up` in this folder recorded (even a failed one: the services
+        may have been set up with them), unless given new ones."""
         for name in SECRETS:
             if getattr(self, name) is None:
-                setattr(self, name, getattr(previous, name))
-        if (self.dir / "basic_auth.db").exists() and previous.password:
+                setattr(self, name, recorded.get(name))
+        if (self.dir / "basic_auth.db").exists() and recorded.get("password"):
             # MLflow creates the admin once; later admin settings are ignored
-            self.username, self.password = previous.username, previous.password
+            self.username, self.password = recorded["username"], recorded["password"]
 
     def ensure_running(self) -> None:
         """Start, in order, each service that is not running: `up` does, and so do the tests after one
@@ -291,6 +306,24 @@ class Stack:
             self.tracking.stop()
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically, readable by the owner only (the files hold credentials or say where they work)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def _read_secrets(directory: Path) -> dict[str, str | None]:
+    """The secrets recorded in `directory`; a state.json from before secrets.json held them."""
+    for name in ("secrets.json", "state.json"):
+        if (directory / name).exists():
+            found = json.loads((directory / name).read_text())
+            if any(key in found for key in SECRETS):
+                return {key: found.get(key) for key in SECRETS}
+    return {}
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 
@@ -338,6 +371,9 @@ def _up(args: argparse.Namespace) -> int:
                   secret_key=os.environ.get(envvars.SECRET_ACCESS_KEY) or None,
                   username=os.environ.get(envvars.STACK_ADMIN_USERNAME) or None,
                   password=os.environ.get(envvars.STACK_ADMIN_PASSWORD) or None)
+    # A SIGTERM or SIGHUP (a closed terminal) unwinds like Ctrl-C, so `up` stops what it started.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     try:
         seconds = stack.up()
     except AlreadyRunning:
@@ -346,6 +382,9 @@ def _up(args: argparse.Namespace) -> int:
               f"{', auth' if running.auth else ''}); `status` or `down` it. Its variables:")
         _print_env(running)
         return 0
+    except BaseException:
+        print(UP_FAILED)
+        raise
     print(f"# the stack is up in {seconds:.1f}s ({stack.backend}{', auth' if stack.auth else ''}; "
           f"data and logs in {stack.dir}). Export these to use it:")
     _print_env(stack)
@@ -353,9 +392,18 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _down(args: argparse.Namespace) -> int:
-    stack = Stack.load(args.dir)
+    # Without state.json (an `up` that failed or was killed) the stack's processes are found by folder.
+    stack = Stack.load(args.dir) if (Path(args.dir) / "state.json").exists() else Stack(args.dir)
+    running = any(s.alive() for s in stack.services) or bool(stack.leftover_processes())
     killed = stack.down()
+    if not running:
+        print(f"nothing to stop: no stack runs from {stack.dir}")
+        return 0
     print(f"stopped the stack in {stack.dir}" + (f" (killed stragglers {', '.join(killed)})" if killed else ""))
     return 0
 
