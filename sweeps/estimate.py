@@ -52,9 +52,9 @@ MEASURED_IMAGES, MEASURED_STATE, MEASURED_SIDE, MEASURED_BATCH = 2048, 66, 14, 1
 T_EXPONENT = 0.35
 # Calibrated (module docstring; BENCHMARKS.md "What a sweep costs"): seconds of a sweep and of
 # a trial that no epoch explains, and the part of the measured CPU epoch that the width leaves.
-SWEEP_S = 45.0
-TRIAL_S = 10.0
-OVERHEAD_SHARE = {"cpu": 0.2}
+SWEEP_S = 10.0
+TRIAL_S = 4.0
+OVERHEAD_SHARE = {"cpu": 0.05}
 # A test image's forward pass against a training image's forward and backward (twice a forward).
 FORWARD_SHARE = 1 / 3
 # Which measured model an unmeasured simple model scales from, and by how many blocks.
