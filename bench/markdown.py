@@ -7,6 +7,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,15 @@ def section(measured: Measurements, device: torch.device, cores: int, wall_s: fl
     return "\n".join(parts) + "\n"
 
 
+def _markers(key: str) -> tuple[str, str]:
+    """The comments around a section: what write_section writes and sections() reads."""
+    return f"<!-- odenet bench: {key} -->", f"<!-- odenet bench: {key} end -->"
+
+
 def write_section(path: Path, key: str, text: str) -> None:
     """Put `text` into `path` between this key's markers: a CPU run and a GPU run share
     one BENCHMARKS.md, each command rewriting only its own section."""
-    begin, end = f"<!-- odenet bench: {key} -->", f"<!-- odenet bench: {key} end -->"
+    begin, end = _markers(key)
     new_section = f"{begin}\n{text.rstrip()}\n{end}\n"
     old = path.read_text() if path.exists() else ""
     if begin in old and end in old:
@@ -158,3 +164,38 @@ def _memory_gib() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         return math.nan
+
+
+# -- reading it back ------------------------------------------------------------------------------------------------
+
+# The BENCHMARKS.md of this checkout: what `--estimate` (sweeps/estimate.py) costs sweeps from.
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def sections(text: str) -> dict[str, str]:
+    """{key: body} of every section write_section wrote into a BENCHMARKS.md's text."""
+    begin, end = (re.escape(marker).replace("KEY", placeholder)
+                  for marker, placeholder in zip(_markers("KEY"), (r"(\w+)", r"\1")))
+    return dict(re.findall(begin + "(.*?)" + end, text, re.S))
+
+
+def our_epoch_s(text: str) -> dict[str, dict[str, float]]:
+    """{device: {model: seconds per epoch}}: the "our loop" rows of each section's model table."""
+    found: dict[str, dict[str, float]] = {}
+    for device, body in sections(text).items():
+        for model, seconds in re.findall(r"^\| (\S+)\s+\| ours\s+\|\s+([\d.]+) \|", body, re.M):
+            found.setdefault(device, {})[model] = float(seconds)
+    return found
+
+
+def lever_epoch_s(text: str, model: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """{device: [(settings, seconds per epoch)]}: the rows of each section's lever table for `model`,
+    in table order, settings as written (e.g. {"adjoint": "direct", "solver": "rk4"}; {} for defaults)."""
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for device, body in sections(text).items():
+        lever_table = body.split("## Levers", 1)[1] if "## Levers" in body else ""
+        for settings, seconds in re.findall(rf"^\| {re.escape(model)}\s+\| \S+\s+\| ([^|]+?)\s+\|\s+([\d.]+) \|",
+                                            lever_table.split("\n## ", 1)[0], re.M):
+            pairs = dict(item.split("=", 1) for item in settings.split(", ") if "=" in item)
+            found.setdefault(device, []).append((pairs, float(seconds)))
+    return found

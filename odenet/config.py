@@ -285,16 +285,8 @@ class RunConfig:
 
 
 def _settings_in(path: str | Path) -> dict[str, Any]:
-    """The mapping of settings in a YAML or JSON run file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"config file {str(path)!r}: {exc.strerror}"]) from None
-    values = load_mapping_text(text, path) or {}
-    if not isinstance(values, dict):
-        raise ConfigError([f"config file {str(path)!r}: expected a mapping of field names to values"])
-    return values
+    """The mapping of settings in a YAML or JSON run file (--config)."""
+    return read_mapping_file(path, "--config", "field names to values")
 
 
 def read_settings_file(path: str | Path, flag: str) -> Any:
@@ -305,6 +297,15 @@ def read_settings_file(path: str | Path, flag: str) -> Any:
     except OSError as exc:
         raise ConfigError([f"{flag} {path}: {exc.strerror}"]) from None
     return load_mapping_text(text, f"{flag} {path}" if flag else path)
+
+
+def read_mapping_file(path: str | Path, flag: str, of: str) -> dict[str, Any]:
+    """A YAML/JSON file given with `flag` that must hold a mapping (`of` says of what to what);
+    an empty file is an empty mapping."""
+    values = read_settings_file(path, flag) or {}
+    if not isinstance(values, dict):
+        raise ConfigError([f"{flag} {path}: expected a mapping of {of}"])
+    return values
 
 
 def load_mapping_text(text: str, path: str | Path) -> Any:

@@ -42,6 +42,9 @@ CLASS_NAMES = {
                 "dog", "frog", "horse", "ship", "truck"),
 }
 IMAGE_SHAPE = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+# Images in each data set's training and test set (a run's subset / test_subset take the first N).
+TRAIN_IMAGES = {"fashion-mnist": 60_000, "cifar10": 50_000}
+TEST_IMAGES = {"fashion-mnist": 10_000, "cifar10": 10_000}
 
 
 class DataError(RuntimeError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,18 +55,37 @@ def finish_parent_run(parent_run_id: str, table) -> None:
     client.set_terminated(parent_run_id, "FINISHED")
 
 
+# The epoch metrics a run's summary (odenet.summary.summarize) is computed from.
+SUMMARIZED = ("val_acc", "val_loss", "epoch_time_s", "fnfe", "bnfe")
+
+
 def close_trial_run(experiment: str, trial_id: str, status: str, tags: dict[str, str]) -> None:
-    """Tag and end the run of a trial that did not end itself (stopped by the scheduler, or errored)."""
-    from mlflow.entities import RunTag
+    """Tag and end the run of a trial that did not end itself (stopped by the scheduler, or errored),
+    with the summary of the epochs it logged: the runs table shows best_val_acc, mean_fnfe ... for
+    every trial, stopped or finished, so they sort and compare together."""
+    from mlflow.entities import Metric, RunTag
 
     run = tracking.first_run(experiment, f"tags.{IDENTITY_TAG} = '{trial_id}'")
     if run is None:
         return
     run_id = run.info.run_id
     client = tracking.client()
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    summary = epoch_summary(run_id)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status)
+
+
+def epoch_summary(run_id: str) -> dict[str, float]:
+    """odenet.summary.summarize of the epochs a run logged to MLflow (empty before its first epoch)."""
+    import pandas as pd
+
+    client = tracking.client()
+    columns = {name: {m.step: m.value for m in client.get_metric_history(run_id, name)} for name in SUMMARIZED}
+    frame = pd.DataFrame(columns).rename_axis("epoch").reset_index()
+    return summarize(frame.dropna(subset=["val_acc"])) if len(frame) else {}
 
 
 def trial_row(trial: str, settings: dict[str, Any], last: dict[str, Any], history, error: BaseException | None,

@@ -31,7 +31,7 @@ from ray.tune.search.hyperopt import HyperOptSearch
 
 from odenet.config import STEM_SETTINGS, RunConfig
 from odenet.report import ONE_AT_A_TIME, SEARCH
-from sweeps import designs, tuning
+from sweeps import designs, estimate, tuning
 from sweeps.space import (Dimension, SweepError, build_space, choice, complete_point, load_points, loguniform,
                           point_problem)
 
@@ -75,8 +75,9 @@ STUDY_POINTS = [
 # --smoke: the same code path, small enough for a 2-core CPU in a few minutes; each value
 # stands in for a flag or run setting not given.
 SMOKE = {"subset": 1024, "test_subset": 500, "width": 8, "max_epochs": 3, "batch_size": 64,
-         "num_samples": 6, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2,
-         "dimensions": "activation_before"}
+         "num_samples": 6, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2}
+# --smoke --design one-at-a-time ablates this one dimension unless --dimensions is given.
+SMOKE_DIMENSIONS = "activation_before"
 
 
 def architecture_ablation(argv: Sequence[str] | None = None):
@@ -84,7 +85,11 @@ def architecture_ablation(argv: Sequence[str] | None = None):
     args, base, space, points = prepare(argv)
     if args.design == ONE_AT_A_TIME:
         return one_at_a_time(args, base, space)
-    sweep = tuning.start(args, base, space, PROGRAM)
+    epochs = None  # FIFO: every trial to max_epochs (or early stopping)
+    if args.scheduler == "asha":
+        epochs = estimate.asha_epochs(args.num_samples, base.max_epochs, args.grace_period,
+                                      args.reduction_factor) / max(args.num_samples, 1)
+    sweep = tuning.start(args, base, space, PROGRAM, searched_epochs=epochs)
     if sweep is None:  # --estimate printed the cost
         return None
     searcher = ConcurrencyLimiter(
@@ -95,20 +100,14 @@ def architecture_ablation(argv: Sequence[str] | None = None):
     scheduler = None if args.scheduler == "fifo" else ASHAScheduler(
         time_attr="epoch", max_t=base.max_epochs + 1, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor)
-    if sweep.restoring:
-        tuner = sweep.restore()
-    else:
-        tuner = tune.Tuner(sweep.trainable,
-                           param_space={name: dim.to_tune() for name, dim in space.items()},
-                           tune_config=sweep.tune_config(search_alg=searcher, scheduler=scheduler),
-                           run_config=sweep.run_config())
-    return sweep.finish(tuner.fit())
+    return sweep.fit({name: dim.to_tune() for name, dim in space.items()}, searcher, scheduler)
 
 
 def one_at_a_time(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]):
     """Every cell of a one-at-a-time ablation around the base point, each a trial trained to the same
     budget and early stopping: no searcher, no scheduler."""
-    dimensions = designs.check_dimensions(space, args.dimensions)
+    requested = SMOKE_DIMENSIONS if args.smoke and args.dimensions is None else args.dimensions
+    dimensions = designs.check_dimensions(space, requested)
     base_point = {k: v for k, v in {**STUDY_SPEED_VALUES, **STUDY_POINTS[0]}.items() if k in space}
     if args.base_file:
         base_point.update(designs.base_from_file(args.base_file, space))
@@ -126,12 +125,7 @@ def one_at_a_time(args: argparse.Namespace, base: RunConfig, space: dict[str, Di
                                         "base_point": json.dumps(base_point)})
     if sweep is None:  # --estimate printed the cost
         return None
-    if sweep.restoring:
-        tuner = sweep.restore()
-    else:
-        tuner = tune.Tuner(sweep.trainable, param_space={"cell": tune.grid_search(cells)},
-                           tune_config=sweep.tune_config(), run_config=sweep.run_config())
-    return sweep.finish(tuner.fit())
+    return sweep.fit({"cell": tune.grid_search(cells)})
 
 
 def first_points(space: dict[str, Dimension], given: list[dict]) -> list[dict]:
@@ -166,9 +160,7 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig, 
     if args.reduction_factor <= 1:
         errors.append(f"--reduction-factor {args.reduction_factor:g}: expected a number > 1")
     if args.design == SEARCH:
-        # --smoke's own --dimensions is for the one-at-a-time design only: not a flag given here
-        dimensions = None if args.smoke and args.dimensions == SMOKE["dimensions"] else args.dimensions
-        given = [flag for flag, value in (("--seeds", args.seeds), ("--dimensions", dimensions),
+        given = [flag for flag, value in (("--seeds", args.seeds), ("--dimensions", args.dimensions),
                                           ("--base-file", args.base_file),
                                           ("--base-from-experiment", args.base_from_experiment)) if value is not None]
         if given:
@@ -197,7 +189,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfi
     oat.add_argument("--seeds", type=int, help="seeds per cell: initial weights and batch order; the validation "
                                                "split stays fixed (default: 3)")
     oat.add_argument("--dimensions", metavar="A,B", help="the dimensions to ablate (default: every searched one; "
-                                                         "with --smoke: activation_before)")
+                                                         f"with --smoke: {SMOKE_DIMENSIONS})")
     where = oat.add_mutually_exclusive_group()
     where.add_argument("--base-file", metavar="FILE", help="YAML mapping of dimensions to the base's values "
                                                            "(default: the study's setting)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from odenet import tracking
-from odenet.config import read_settings_file
+from odenet.config import read_mapping_file
 from odenet.report import BASE
 from odenet.sweep_record import PARENT, ROLE_TAG
 from sweeps.space import Dimension, SweepError
@@ -63,9 +63,7 @@ def check_dimensions(space: dict[str, Dimension], requested: str | None) -> list
 
 def base_from_file(path: str, space: dict[str, Dimension]) -> dict[str, Any]:
     """A YAML mapping of dimension names to the base's values."""
-    loaded = read_settings_file(path, "--base-file")
-    if not isinstance(loaded, dict):
-        raise SweepError([f"--base-file {path}: expected a mapping of dimension names to values"])
+    loaded = read_mapping_file(path, "--base-file", "dimension names to values")
     unknown = [k for k in loaded if k not in space]
     if unknown:
         raise SweepError([f"--base-file {path}: unknown key(s) {', '.join(map(str, unknown))}; "

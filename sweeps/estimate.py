@@ -1,95 +1,108 @@
 """What a sweep will cost, before it runs (`--estimate`): its trials, its trial-epochs with
-ASHA's rungs, and device-hours from the epoch costs BENCHMARKS.md measured.
+ASHA's rungs, and device-hours: the epoch costs BENCHMARKS.md measured, plus the fixed costs
+of a sweep and of each trial that a small sweep spends mostly on.
 
-The cost of one epoch is the measured epoch of the same model family on the same device
-(`python -m bench`: FashionMNIST, 2048 images of which 1638 train and 410 validate, width
-64, stride 2, T_n = 1, dopri5 at 1e-3 with the adjoint), scaled by what changes the work:
+A sweep costs SWEEP_S (the driver's imports and data, Ray's start, the parent run) and,
+for each trial, TRIAL_S (a Ray worker starting, the trial's imports, data and MLflow run),
+its epochs, and its evaluations after training (the test set, and for ODE models with
+re-evaluation each solver of odenet.evaluate.REEVALUATION_SOLVERS), each a forward pass over
+the test images that costs FORWARD_SHARE of a training image.
 
-- images: the subset (or the whole training set) over the measured 2048;
-- the block's convolution: ((C + A) / 66)^2 channels and (side / 14)^2 pixels, where side
-  is the image side over the stride (28 or 32 pixels);
-- T_n, for the ODE models: function evaluations grow as T_n^0.35. That exponent is a fit
-  to this project's one-at-a-time run of T_n = 1, 2, 5, 10 (FNFE + BNFE 69, 86, 122, 153;
-  width 8, 3 seeds, README "Two designs"), not a law: adaptive solvers take what the
-  dynamics ask;
-- resnet-large: three blocks where resnet-small has one;
-- the training solve (adjoint, solver, step size, regulariser weights, e.g. `--recipe fast`):
-  the measured lever with those settings, as its epoch time over the default's on the same
-  device; a combination that was not measured is not estimated.
+An epoch (training and validation images) costs the measured epoch of the same model family
+on the same device (`python -m bench`: FashionMNIST, 2048 images, width 64, batch size 128,
+stride 2, T_n = 1, dopri5 at 1e-3 with the adjoint), per image, split in two parts:
 
+- a part that does not grow with the width (OVERHEAD_SHARE of the measured epoch on the
+  CPU): Python and operator dispatch for each batch and function evaluation, so it scales
+  with the batches, 128 / batch size;
+- the convolutions: ((C + A) / 66)^2 channels and (side / 14)^2 pixels, where side is the
+  image side over the stride (28 or 32 pixels).
+
+Both scale with T_n for the ODE models (function evaluations grow as T_n^0.35, a fit to this
+project's one-at-a-time run of T_n = 1, 2, 5, 10: FNFE + BNFE 69, 86, 122, 153; width 8,
+3 seeds, README "Two designs"; not a law: adaptive solvers take what the dynamics ask), with
+resnet-large's three blocks against resnet-small's one, and with the training solve (adjoint,
+solver, step size, regulariser weights, e.g. `--recipe fast`): the measured lever with those
+settings, as its epoch time over the default's on the same device; a combination that was
+not measured is not estimated.
+
+SWEEP_S, TRIAL_S and OVERHEAD_SHARE were calibrated on sweeps at widths 8, 16 and 32 on the
+2-core CPU of BENCHMARKS.md (its section "What a sweep costs"), two trials at a time (what
+--smoke runs): on the CPU the estimate is the wall time of such a sweep. The GPU's fixed
+costs and overhead share were not measured: its figure is the CPU's fixed costs plus its
+measured width-64 epoch scaled by the convolutions alone, a lower bound at small widths.
 The complex models were not measured: their cost is not estimated (said so, not guessed).
 Trial-epochs are an upper bound: early stopping (--patience) ends trials sooner.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-MEASURED_IMAGES, MEASURED_STATE, MEASURED_SIDE = 2048, 66, 14
+from bench import markdown
+from odenet.config import FIXED_STEP_SOLVERS, RunConfig
+from odenet.data import IMAGE_SHAPE, TEST_IMAGES, TRAIN_IMAGES
+from odenet.evaluate import REEVALUATION_SOLVERS
+
+# What the benchmark measured: images per epoch, block state C + A, block side, batch size.
+MEASURED_IMAGES, MEASURED_STATE, MEASURED_SIDE, MEASURED_BATCH = 2048, 66, 14, 128
 T_EXPONENT = 0.35
-TRAIN_IMAGES = {"fashion-mnist": 60_000, "cifar10": 50_000}
-IMAGE_SIDE = {"fashion-mnist": 28, "cifar10": 32}
+# Calibrated (module docstring; BENCHMARKS.md "What a sweep costs"): seconds of a sweep and of
+# a trial that no epoch explains, and the part of the measured CPU epoch that the width leaves.
+SWEEP_S = 10.0
+TRIAL_S = 4.0
+OVERHEAD_SHARE = {"cpu": 0.05}
+# A test image's forward pass against a training image's forward and backward (twice a forward).
+FORWARD_SHARE = 1 / 3
 # Which measured model an unmeasured simple model scales from, and by how many blocks.
 FAMILY = {"odenet-simple": ("odenet-simple", 1), "resnet-small": ("resnet-small", 1),
           "resnet-large": ("resnet-small", 3)}
 
-
-def _sections(text: str | None) -> list[tuple[str, str]]:
-    """(key, body) of each section the benchmarks wrote into BENCHMARKS.md (or `text`)."""
-    text = BENCHMARKS.read_text() if text is None else text
-    return re.findall(r"<!-- odenet bench: (\w+) -->(.*?)<!-- odenet bench: \1 end -->", text, re.S)
-
-
-def measured_epoch_s(text: str | None = None) -> dict[str, dict[str, float]]:
-    """{device: {model: seconds per epoch}} from BENCHMARKS.md's "our loop" rows, per section."""
-    found: dict[str, dict[str, float]] = {}
-    for device, body in _sections(text):
-        for model, seconds in re.findall(r"^\| (\S+)\s+\| ours\s+\|\s+([\d.]+) \|", body, re.M):
-            found.setdefault(device, {})[model] = float(seconds)
-    return found
-
-
-# The settings of the training solve that BENCHMARKS.md's lever rows vary, with the study's values.
-SOLVE_DEFAULTS = {"adjoint": "adjoint", "solver": "dopri5", "step_size": None, "kinetic_energy": 0.0,
-                  "jacobian_norm": 0.0}
-FIXED_STEP = ("euler", "midpoint", "rk4")
+# The settings of the training solve that BENCHMARKS.md's lever rows vary.
+SOLVE_SETTINGS = ("adjoint", "solver", "step_size", "kinetic_energy", "jacobian_norm")
 
 
 def _solve(settings: dict[str, Any]) -> tuple:
-    """The training solve's settings as a comparable key (the step size matters for fixed steps only)."""
-    values = {**SOLVE_DEFAULTS, **{k: settings[k] for k in SOLVE_DEFAULTS if settings.get(k) is not None}}
-    if values["solver"] not in FIXED_STEP:
-        values["step_size"] = None
-    return (values["adjoint"], values["solver"], None if values["step_size"] is None else float(values["step_size"]),
-            float(values["kinetic_energy"]), float(values["jacobian_norm"]))
+    """A training solve as a comparable key: the study's values where `settings` leaves one out,
+    the step size for fixed-step solvers only."""
+    values = {**{k: getattr(STUDY, k) for k in SOLVE_SETTINGS}, **settings}
+    step = float(values["step_size"]) if values["solver"] in FIXED_STEP_SOLVERS else None
+    return (values["adjoint"], values["solver"], step, float(values["kinetic_energy"]),
+            float(values["jacobian_norm"]))
 
 
+STUDY = RunConfig()
 STUDY_SOLVE = _solve({})
 
 
-def measured_levers(text: str | None = None) -> dict[str, dict[tuple, float]]:
-    """{device: {training-solve key: epoch time over the default's}} from the odenet-simple rows of
-    BENCHMARKS.md's lever tables."""
-    found: dict[str, dict[tuple, float]] = {}
-    for device, body in _sections(text):
-        for settings, seconds in re.findall(r"^\| odenet-simple\s+\| \S+\s+\| ([^|]+?)\s+\|\s+([\d.]+) \|",
-                                            body.split("## Levers", 1)[-1], re.M):
-            pairs = dict(item.split("=", 1) for item in settings.split(", ") if "=" in item)
-            found.setdefault(device, {}).setdefault(_solve(pairs), float(seconds))  # the first row: no dataloader
-    return {device: {key: s / rows[STUDY_SOLVE] for key, s in rows.items()} for device, rows in found.items()
-            if STUDY_SOLVE in rows}
+@dataclass(frozen=True)
+class Measured:
+    """BENCHMARKS.md's figures, read once per estimate (bench/markdown.py reads them)."""
+
+    epoch_s: dict[str, dict[str, float]]  # device -> model -> seconds per epoch
+    levers: dict[str, dict[tuple, float]]  # device -> training-solve key -> epoch time over the default's
+
+    @classmethod
+    def read(cls, text: str | None = None) -> "Measured":
+        text = markdown.BENCHMARKS.read_text() if text is None else text
+        levers: dict[str, dict[tuple, float]] = {}
+        for device, rows in markdown.lever_epoch_s(text, "odenet-simple").items():
+            by_solve: dict[tuple, float] = {}
+            for settings, seconds in rows:
+                by_solve.setdefault(_solve(settings), seconds)  # the first row: no dataloader
+            if STUDY_SOLVE in by_solve:
+                levers[device] = {key: s / by_solve[STUDY_SOLVE] for key, s in by_solve.items()}
+        return cls(markdown.our_epoch_s(text), levers)
 
 
 @dataclass(frozen=True)
 class Estimate:
     trials: int
     trial_epochs: float
-    device_hours: dict[str, float | None]  # device -> hours of one trial at a time; None: not measured
+    device_hours: dict[str, float | None]  # device -> hours of the sweep; None: not measured
 
     def lines(self, gpus: int) -> list[str]:
         out = [f"trials: {self.trials}", f"trial-epochs: at most {self.trial_epochs:,.0f} (early stopping ends "
@@ -125,57 +138,61 @@ def asha_epochs(trials: int, max_epochs: int, grace_period: int, reduction_facto
     return epochs
 
 
-def epoch_cost(settings: dict[str, Any], device: str, measured: dict[str, dict[str, float]],
-               levers: dict[str, dict[tuple, float]]) -> float | None:
-    """Seconds per epoch of one trial's settings on a device; None where nothing comparable was measured."""
-    model = settings["model"]
-    if model not in FAMILY or device not in measured or FAMILY[model][0] not in measured[device]:
+def image_cost(config: RunConfig, device: str, measured: Measured) -> float | None:
+    """Seconds per training image of one trial's config on a device (its share of a measured
+    epoch); None where nothing comparable was measured."""
+    if config.model not in FAMILY or FAMILY[config.model][0] not in measured.epoch_s.get(device, {}):
         return None
-    lever = 1.0
-    if model.startswith("odenet") and (solve := _solve(settings)) != STUDY_SOLVE:
-        lever = levers.get(device, {}).get(solve)
-        if lever is None:
-            return None
-    family, blocks = FAMILY[model]
-    dataset = settings["dataset"]
-    images = settings.get("subset") or TRAIN_IMAGES[dataset]
-    width = settings.get("width") or (64 if dataset == "fashion-mnist" else 256)
-    state = width + int(settings.get("augment_dims", 2))
-    side = math.ceil(IMAGE_SIDE[dataset] / int(settings.get("stride") or 2))
-    work = (images / MEASURED_IMAGES) * (state / MEASURED_STATE) ** 2 * (side / MEASURED_SIDE) ** 2 * blocks
-    if model.startswith("odenet"):
-        work *= float(settings.get("final_time", 1.0)) ** T_EXPONENT
-    return measured[device][family] * work * lever
+    family, blocks = FAMILY[config.model]
+    solve = 1.0
+    if config.is_ode:
+        if (key := _solve({k: getattr(config, k) for k in SOLVE_SETTINGS})) != STUDY_SOLVE:
+            solve = measured.levers.get(device, {}).get(key)
+            if solve is None:
+                return None
+        solve *= float(config.final_time) ** T_EXPONENT
+    side = math.ceil(IMAGE_SHAPE[config.dataset][-1] / (config.stride or 1))
+    convolutions = ((config.channels + config.augment_dims) / MEASURED_STATE) ** 2 * (side / MEASURED_SIDE) ** 2
+    overhead = OVERHEAD_SHARE.get(device, 0.0)
+    share = overhead * MEASURED_BATCH / config.batch_size + (1 - overhead) * convolutions
+    return measured.epoch_s[device][family] / MEASURED_IMAGES * share * blocks * solve
 
 
-def estimate(trials: Sequence[tuple[Sequence[dict[str, Any]], float]]) -> Estimate:
-    """Trials, trial-epochs and device-hours of trials given as (settings it may have, epochs):
-    a designed trial has one setting; a searched one each point of the space's cost-changing
+def trial_s(config: RunConfig, epochs: float, device: str, measured: Measured) -> float | None:
+    """Seconds of one trial: its fixed cost, its epochs and its evaluations after training."""
+    per_image = image_cost(config, device, measured)
+    if per_image is None:
+        return None
+    images = config.subset or TRAIN_IMAGES[config.dataset]
+    test_images = config.test_subset or TEST_IMAGES[config.dataset]
+    passes = 1 + (len(REEVALUATION_SOLVERS) if config.is_ode and config.reevaluate else 0)
+    return TRIAL_S + epochs * images * per_image + passes * test_images * per_image * FORWARD_SHARE
+
+
+def estimate(trials: Sequence[tuple[Sequence[RunConfig], float]]) -> Estimate:
+    """Trials, trial-epochs and device-hours of trials given as (configs it may have, epochs):
+    a designed trial has one config; a searched one each point of the space's cost-changing
     choices, equally likely (the searcher's preferences are not known before it runs)."""
-    # BENCHMARKS.md is read once per estimate, not once per trial and setting.
-    text = BENCHMARKS.read_text()
-    measured = measured_epoch_s(text)
-    levers = measured_levers(text)
+    measured = Measured.read()
     hours: dict[str, float | None] = {}
     for device in ("cpu", "cuda"):
-        total = 0.0
+        total: float | None = SWEEP_S
         for alternatives, epochs in trials:
-            costs = [epoch_cost(s, device, measured, levers) for s in alternatives]
+            costs = [trial_s(config, epochs, device, measured) for config in alternatives]
             if any(c is None for c in costs):
                 total = None
                 break
-            total += sum(costs) / len(costs) * epochs
+            total += sum(costs) / len(costs)
         hours[device] = None if total is None else total / 3600
     return Estimate(len(trials), float(sum(epochs for _, epochs in trials)), hours)
 
 
-COST_DIMENSIONS = ("model", "dataset", "stride", "final_time", "augment_dims", "width", "subset", *SOLVE_DEFAULTS)
+COST_DIMENSIONS = ("model", "dataset", "stride", "final_time", "augment_dims", "width", "subset", "test_subset",
+                   "batch_size", *SOLVE_SETTINGS)
 
 
-def alternatives(space, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """The settings a searched trial may have, as far as they change its cost."""
-    import itertools
-
+def alternatives(space, base: RunConfig) -> list[RunConfig]:
+    """The configs a searched trial may have, as far as they change its cost."""
     varying = {name: list(dim.values) for name, dim in space.items()
                if name in COST_DIMENSIONS and dim.kind in ("choice", "grid")}
-    return [{**base, **dict(zip(varying, combo))} for combo in itertools.product(*varying.values())]
+    return [base.replace(**dict(zip(varying, combo))) for combo in itertools.product(*varying.values())]

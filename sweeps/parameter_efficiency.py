@@ -16,8 +16,6 @@ import json
 import sys
 from typing import Sequence
 
-from ray import tune
-
 from odenet import sweep_record, tracking
 from odenet.config import DATASETS, MODELS
 from odenet.report import PARAMETER_EFFICIENCY
@@ -54,12 +52,7 @@ def parameter_efficiency(argv: Sequence[str] | None = None):
     sweep = tuning.start(args, base, space, PROGRAM, design=PARAMETER_EFFICIENCY, num_samples=1)
     if sweep is None:  # --estimate printed the cost
         return None
-    if sweep.restoring:
-        tuner = sweep.restore()
-    else:
-        tuner = tune.Tuner(sweep.trainable, param_space={name: dim.to_tune() for name, dim in space.items()},
-                           tune_config=sweep.tune_config(), run_config=sweep.run_config())
-    return sweep.finish(tuner.fit())
+    return sweep.fit({name: dim.to_tune() for name, dim in space.items()})
 
 
 def best_hyperparameters(experiment: str) -> dict:

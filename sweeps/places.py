@@ -11,6 +11,7 @@ head has both, and nothing changes).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tempfile
@@ -52,9 +53,11 @@ class Places:
         where = f" (in {self.stable_home}, ${envvars.HOME})" if self.stable_home else ""
         return f"runs in {self.tracking_uri}, sweep state in {state}{where}"
 
+    @functools.cached_property
     def tune_storage(self) -> tuple[str, Any]:
         """(storage path, filesystem) as Tune takes them: a local folder and None, or bucket/prefix and
-        an S3 filesystem for AWS S3 or an S3-compatible store whose endpoint the standard variables give."""
+        an S3 filesystem for AWS S3 or an S3-compatible store whose endpoint the standard variables give.
+        Built once per sweep (cached): the restore check, the Tuner and its restore share it."""
         if not self.storage_path.startswith("s3://"):
             return self.storage_path, None
         import pyarrow.fs

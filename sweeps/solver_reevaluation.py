@@ -25,6 +25,9 @@ from odenet.sweep_record import PARENT, ROLE_TAG
 from sweeps.space import SweepError
 from sweeps.tuning import main, worker_env
 
+# The metric only this program writes: the test images each run was re-evaluated on.
+REEVALUATED_IMAGES = "reevaluated_test_images"
+
 
 def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -> pd.DataFrame:
     """Re-evaluate one logged run and log the results back into it."""
@@ -36,7 +39,10 @@ def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -
     config, model, splits, _ = load_logged_run(run_id, data_dir=data_dir, test_subset=test_subset)
     table = reevaluate(model, splits.test, SolverSettings.of(config), config.batch_size)
     now = int(time.time() * 1000)
-    metrics = [Metric(name, value, now, 0) for name, value in reevaluation_metrics(table).items()]
+    # The trial logged the same eval_* metrics after training; the images this re-evaluation
+    # used are its own mark on the run.
+    values = {**reevaluation_metrics(table), REEVALUATED_IMAGES: len(splits.test)}
+    metrics = [Metric(name, value, now, 0) for name, value in values.items()]
     tracking.client().log_batch(run_id, metrics=metrics)
     return table.assign(run_id=run_id, model=config.model, dataset=config.dataset)
 

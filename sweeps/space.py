@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-from odenet.config import ConfigError, RunConfig, read_settings_file
+from odenet.config import ConfigError, RunConfig, read_mapping_file, read_settings_file
 
 # Fields that describe where a run happens rather than what it is: never searched.
 NOT_SEARCHABLE = ("data_dir", "device")
@@ -146,9 +146,7 @@ def build_space(declared: dict[str, Any], space_file: str | None, overrides: Seq
     """The declared space, then a --space-file, then --space flags (each overrides the last)."""
     space = {name: dimension(name, spec) for name, spec in declared.items()}
     if space_file:
-        loaded = read_settings_file(space_file, "--space-file") or {}
-        if not isinstance(loaded, dict):
-            raise SweepError([f"--space-file {space_file}: expected a mapping of dimension names to values"])
+        loaded = read_mapping_file(space_file, "--space-file", "dimension names to values")
         space.update({name: dimension(name, spec) for name, spec in loaded.items()})
     errors = []
     for flag in overrides or []:

@@ -34,6 +34,9 @@ METRIC, MODE = "val_acc", "max"
 # How long a trial waits for its epoch metrics to reach MLflow before reporting the epoch to
 # Tune; longer than a healthy server needs, short enough not to stall training in an outage.
 METRICS_BEFORE_REPORT_S = 15.0
+# A trial's state as the tables show it: the trial itself reports RUNNING after each epoch and
+# FINISHED or DIVERGED at its end; a trial the scheduler stopped between epochs reads STOPPED.
+STOPPED = "STOPPED"
 
 
 # -- one trial ------------------------------------------------------------------------------
@@ -109,6 +112,9 @@ class CloseTrialRuns(tune.Callback):
         # A trial that ended between epochs was stopped by the scheduler: KILLED, as the
         # trial itself marks its run when interrupted, with the reason beside it.
         if (trial.last_result or {}).get("trial_status") == "RUNNING":
+            # The progress table and the results table read the trial's state from here:
+            # stopped, not running.
+            trial.last_result["trial_status"] = STOPPED
             self._close(trial, "KILLED", {"stopped_by": "asha"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -129,15 +135,36 @@ PROGRESS_METRICS = {"epoch": "epoch", METRIC: METRIC, "fnfe": "fnfe", "bnfe": "b
 
 
 def progress(space: dict[str, Dimension], designed: bool) -> tune.CLIReporter:
-    """The live table: the settings that differ between trials, the epoch, val_acc, FNFE/BNFE, status."""
+    """The live table: the settings that differ between trials, the epoch, val_acc, FNFE/BNFE, state."""
     if designed:
         columns = {"cell/tags/ablated_dimension": "ablated", "cell/tags/ablated_value": "value",
                    "cell/settings/seed": "seed"}
     else:
         columns = {name: SHORT_NAMES.get(name, name) for name, dim in space.items()
                    if len(dim.values) > 1 or dim.kind not in ("choice", "grid")}
-    return tune.CLIReporter(parameter_columns=columns, metric_columns=PROGRESS_METRICS, max_column_length=10,
-                            max_report_frequency=30, sort_by_metric=False)
+    return Progress(parameter_columns=columns, metric_columns=PROGRESS_METRICS, max_column_length=10,
+                    max_report_frequency=PROGRESS_EVERY_S, sort_by_metric=False)
+
+
+# The progress table is printed at most this often, and only when a trial's state or epoch changed.
+PROGRESS_EVERY_S = 30
+
+
+class Progress(tune.CLIReporter):
+    """Tune's table, printed again only when something in it changed: a trial started, ended or
+    reported an epoch (Tune's own prints the same table every interval)."""
+
+    _shown: tuple = ()
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        state = tuple((t.trial_id, t.status, (t.last_result or {}).get("epoch"),
+                       (t.last_result or {}).get("trial_status")) for t in trials)
+        if not done and state == self._shown:
+            return False
+        if super().should_report(trials, done):
+            self._shown = state
+            return True
+        return False
 
 
 def trial_folder(trial) -> str:
@@ -241,13 +268,19 @@ class Sweep:
     max_concurrent: int
     max_failures: int
 
-    def restore(self) -> tune.Tuner:
-        """The unfinished sweep of this name, to continue where it stopped."""
-        path, filesystem = self.where.tune_storage()
-        return tune.Tuner.restore(f"{path}/{self.name}", self.trainable, resume_unfinished=True,
-                                  resume_errored=True, storage_filesystem=filesystem)
+    def fit(self, param_space: dict[str, Any], search_alg=None, scheduler=None):
+        """Run the sweep, the unfinished one restored where it stopped or a new Tuner over
+        `param_space` with the program's searcher and scheduler; then finish it (the results table)."""
+        path, filesystem = self.where.tune_storage
+        if self.restoring:
+            tuner = tune.Tuner.restore(f"{path}/{self.name}", self.trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=filesystem)
+        else:
+            tuner = tune.Tuner(self.trainable, param_space=param_space,
+                               tune_config=self._tune_config(search_alg, scheduler), run_config=self.run_config())
+        return self.finish(tuner.fit())
 
-    def tune_config(self, search_alg=None, scheduler=None) -> tune.TuneConfig:
+    def _tune_config(self, search_alg, scheduler) -> tune.TuneConfig:
         """The objective, the program's searcher and scheduler, and how many trials run, how many at once."""
         return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
                                num_samples=self.num_samples, max_concurrent_trials=self.max_concurrent,
@@ -257,7 +290,7 @@ class Sweep:
 
     def run_config(self) -> tune.RunConfig:
         """Where Tune keeps the sweep, how it retries a trial, what it prints and who closes trial runs."""
-        path, filesystem = self.where.tune_storage()
+        path, filesystem = self.where.tune_storage
         return tune.RunConfig(
             name=self.name,
             storage_path=path,
@@ -282,11 +315,13 @@ class Sweep:
 
 def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension], program: str, *,
           design: str = SEARCH, cells: list[dict[str, Any]] | None = None, num_samples: int | None = None,
-          columns: Sequence[str] = (), parent_params: dict[str, str] | None = None) -> Sweep | None:
+          columns: Sequence[str] = (), parent_params: dict[str, str] | None = None,
+          searched_epochs: float | None = None) -> Sweep | None:
     """Check everything, then start the sweep (a new one or the unfinished one named again); with
     --estimate, print what it would cost instead and return None. `cells`: a designed list of
     trials (sweeps/designs.py) over `space`; `num_samples`: 1 where a grid lists every trial
-    (default: --num-samples)."""
+    (default: --num-samples); `searched_epochs`: the mean epochs of a searched trial under the
+    program's scheduler, for --estimate (default: max_epochs)."""
     on_cluster = bool(os.environ.get(envvars.RAY_ADDRESS))
     errors = check_cells(cells, base) if cells is not None else check_space(space, base)
     errors += check_resources(args, on_cluster)
@@ -294,7 +329,7 @@ def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]
         raise SweepError(errors)
     num_samples = args.num_samples if num_samples is None else num_samples
     if args.estimate:
-        print("\n".join(cost(args, base, space, cells).lines(gpus=args.estimate_gpus)))
+        print("\n".join(cost(base, space, cells, num_samples, searched_epochs).lines(gpus=args.estimate_gpus)))
         return None
     name = naming.sweep_name(args.name, args.resume, program)
     experiment = args.experiment or name
@@ -302,7 +337,7 @@ def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]
     where = places.settle(args.storage_path)  # in a Ray job: out of Ray's temporary working directory
     tracking.check_server()
     tracking.pin_embedded_store()
-    restoring = naming.restoring(name, bool(args.resume), *where.tune_storage(), experiment)
+    restoring = naming.restoring(name, bool(args.resume), *where.tune_storage, experiment)
     print(naming.announce(name, restoring, experiment, where), flush=True)
 
     # Tune's classic progress table, whose columns we choose (the newer output prints every
@@ -339,21 +374,18 @@ def with_data(base: RunConfig, on_cluster: bool) -> RunConfig:
     return base
 
 
-def cost(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension],
-         cells: list[dict[str, Any]] | None) -> estimate.Estimate:
-    """What the sweep will cost (sweeps/estimate.py), from its flags alone."""
+def cost(base: RunConfig, space: dict[str, Dimension], cells: list[dict[str, Any]] | None, num_samples: int,
+         searched_epochs: float | None) -> estimate.Estimate:
+    """What the sweep will cost (sweeps/estimate.py): designed cells and grids trial by trial;
+    `num_samples` searched trials of `searched_epochs` each (default: max_epochs)."""
     if cells is not None:
-        trials = [([base.replace(**cell["settings"]).to_dict()], base.max_epochs) for cell in cells]
+        trials = [([base.replace(**cell["settings"])], base.max_epochs) for cell in cells]
     elif all(dim.kind == "grid" for dim in space.values()):
         grid = [dict(zip(space, values)) for values in itertools.product(*(d.values for d in space.values()))]
-        trials = [([base.replace(**point).to_dict()], base.max_epochs) for point in grid]
+        trials = [([base.replace(**point)], base.max_epochs) for point in grid]
     else:
-        n = args.num_samples
-        if args.scheduler == "asha":
-            epochs = estimate.asha_epochs(n, base.max_epochs, args.grace_period, args.reduction_factor) / n
-        else:
-            epochs = base.max_epochs
-        trials = [(estimate.alternatives(space, base.to_dict()), epochs)] * n
+        epochs = base.max_epochs if searched_epochs is None else searched_epochs
+        trials = [(estimate.alternatives(space, base), epochs)] * num_samples
     return estimate.estimate(trials)
 
 

@@ -17,7 +17,7 @@ from odenet.config import RunConfig
 from odenet.data import SYSTEM_FASHION_MNIST_IDX, import_fashion_mnist_idx
 from tests.datasets import write_cifar10, write_fashion_mnist_idx
 
-pytest_plugins = ["tests.stack"]
+pytest_plugins = ["tests.stack", "tests.sweep_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 # Under CI every test runs: a missing tool, data set or CRD is a failure, not a skip.

@@ -1,5 +1,5 @@
 """The MLflow UI as a user first meets it, in Chromium, on runs the project itself logged into
-the local stack (`odenet train` and a smoke sweep): the link each prints opens the runs table
+the local stack (`odenet train` and the session's smoke sweep, tests/sweep_fixtures.py): the link each prints opens the runs table
 as model training (not GenAI's overview), sorted by val_acc, with the searched parameters and
 the metrics as columns; the sweep's parent and children show; the compare view shows the
 searched parameters and val_acc; a run's learning-curve PNG renders. Screenshots go to
@@ -38,21 +38,17 @@ def logged_by(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def logged(tracking_stack, real_data_dir, tmp_path_factory):
-    """An `odenet train` run and a two-trial smoke sweep, each in an experiment of its own;
-    their names and what each printed."""
+def logged(tracking_stack, real_data_dir, tmp_path_factory, smoke_sweep):
+    """An `odenet train` run in an experiment of its own and the session's smoke sweep; their
+    experiment names and what each printed."""
     cwd = tmp_path_factory.mktemp("ui")
     env = {**os.environ, **tracking_stack.env}
     env.pop("RAY_ADDRESS", None)
-    tag = uuid.uuid4().hex[:6]
-    train, sweep = f"ui-train-{tag}", f"ui-sweep-{tag}"
-    data = ["--data-dir", str(real_data_dir)]
+    train = f"ui-train-{uuid.uuid4().hex[:6]}"
     train_out = logged_by(["-m", "odenet.cli", "train", "--experiment", train, "--model", "resnet-small", "--width",
                            "4", "--subset", "256", "--test-subset", "100", "--max-epochs", "2", "--no-reevaluate",
-                           *data], cwd, env)
-    sweep_out = logged_by([str(REPO / "sweeps" / "architecture_ablation.py"), "--smoke", "--num-samples", "2",
-                           "--max-epochs", "1", "--name", sweep, *data], cwd, env)
-    return {"train": (train, train_out), "sweep": (sweep, sweep_out)}
+                           "--data-dir", str(real_data_dir)], cwd, env)
+    return {"train": (train, train_out), "sweep": (smoke_sweep.experiment, smoke_sweep.run.stdout)}
 
 
 def printed_link(stdout: str, experiment_id: str, uri: str) -> str:
@@ -81,7 +77,7 @@ def test_the_sweep_link_opens_its_runs_sorted_by_val_acc_with_the_searched_param
     runs = c.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
     children = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
-    assert len(children) == 2
+    assert len(children) == 6
     searched = list(json.loads(parent.data.params["search_space"]))
     link = printed_link(stdout, experiment.experiment_id, tracking_stack.tracking_uri)
 
@@ -93,9 +89,9 @@ def test_the_sweep_link_opens_its_runs_sorted_by_val_acc_with_the_searched_param
     assert name in shown and {r.info.run_name for r in children} <= shown, "the parent and its children"
     assert {*searched, "val_acc", "test_acc", "Run Name"} <= set(pages["runs"]["columns"])
 
-    # side by side in the compare view: a row per searched parameter and val_acc, both trials' values
+    # side by side in the compare view: a row per searched parameter and val_acc, every trial's values
     compare = pages["compare"]["text"]
-    assert "Comparing 2 Runs from 1 Experiment" in compare
+    assert f"Comparing {len(children)} Runs from 1 Experiment" in compare
     rows = {line.split("\t")[0].strip(): [v.strip() for v in line.split("\t")[1:]] for line in compare.splitlines()}
     for param in searched:
         assert sorted(rows[param]) == sorted(r.data.params[param] for r in children), param
