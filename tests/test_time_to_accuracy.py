@@ -118,7 +118,7 @@ def test_a_lever_that_misses_the_target_in_one_seed_is_not_claimed_even_where_in
                "odenet-simple:missed": seeds([0.801, 0.809, 0.821], total=20.0, to_target=10.0)}
     results["odenet-simple:missed"][0] = SeedResult(0.801, val_acc=(0.4,) * 5, epoch_s=(4.1,) * 5)
     row = compare(results, target=0.5).set_index("configuration").loc["odenet-simple:missed"]
-    assert row["reached target"] == "2 of 3" and row["time-to-target ratio"] == "5 [5, 5]"
+    assert row["reached target"] == "2 of 3" and row["speed-up to target"] == "5 [5, 5]"
     assert row["claimed"] == "no" and math.isnan(row["claimed_speed_up"])
     assert row["why not"] == "missed the target in some seed"
 
