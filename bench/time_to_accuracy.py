@@ -6,9 +6,15 @@ each run records the time until validation accuracy first reaches --target, the 
 time to early stop, and test accuracy (validation and test always solved with dopri5 at
 the study's tolerance). Time is the CPU time of the run's process, each run in its own
 process on one thread (--jobs runs at once): unlike wall time it does not grow when other
-work shares the machine. Wall time to early stop is shown beside it. Per configuration: means with 95% t-intervals over
-seeds. A lever's speed-up over the study's odenet-simple is claimed at equal accuracy
-only where its test-accuracy interval overlaps the baseline's or lies above it.
+work shares the machine. Wall time to early stop is shown beside it.
+
+Everything is paired by seed against the study's odenet-simple. A lever's speed-up is claimed
+only when, over at least 3 seeds,
+- its accuracy is non-inferior: the one-sided lower bound of the paired test-accuracy
+  difference lies above -MARGIN points (one-sided paired t-test, Holm over the levers);
+- it is faster: the one-sided lower bound of the paired speed-up to early stop (geometric
+  mean of per-seed ratios, t on their logarithms; Holm over the levers) lies above 1;
+- every seed reached the target validation accuracy.
 
     python -m bench.time_to_accuracy --device cpu --out BENCHMARKS.md
 """
@@ -28,11 +34,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from bench.levers import parse_lever
 from bench.markdown import write_section
-from odenet.stats import Interval, mean_interval, paired_difference, ratio_interval
+from odenet.stats import ALPHA, MIN_PAIRS, holm, mean_interval, ratio_interval
 
 BASELINE = "odenet-simple:default"
 # bosh3 with direct backpropagation: the combination the epoch benchmark (python -m bench) timed.
@@ -40,6 +48,9 @@ BASELINE = "odenet-simple:default"
 # the epoch benchmark), so it has no time to save that this run could detect, at its full price.
 LEVERS = ("direct", "direct+bosh3", "direct+rk4@1", "direct+midpoint@1", "direct+rk4@1+kinetic",
           "direct+euler@1+kinetic@1")
+# The non-inferiority margin, in points of test accuracy: a lever whose paired difference could
+# be lower than -MARGIN has not been shown to hold accuracy.
+MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,49 +78,89 @@ class SeedResult:
         return None
 
 
-def overlaps_or_above(candidate: Interval, baseline: Interval) -> bool:
-    """The overlap rule: equal accuracy only when the intervals overlap, or the candidate's lies
-    wholly above the baseline's."""
-    if math.isnan(candidate.low) or math.isnan(baseline.low):
-        return False  # one seed: no interval, no claim
-    return candidate.high >= baseline.low
+@dataclass(frozen=True)
+class OneSided:
+    """A one-sided paired test that the mean exceeds `null`: estimate, standard error, dof, p."""
+
+    mean: float
+    se: float
+    dof: int
+    p: float
+
+    def lower(self, level: float) -> float:
+        """The one-sided lower confidence bound at `level`."""
+        if math.isnan(self.p) or math.isnan(level):
+            return math.nan
+        return self.mean - stats.t.ppf(level, self.dof) * self.se
 
 
-def compare(results: dict[str, list[SeedResult]], target: float, baseline: str = BASELINE) -> pd.DataFrame:
-    """One row per configuration: test accuracy, time to target and to early stop with their
-    intervals; the paired (same seed) accuracy difference and speed-up to the baseline; and
-    whether a speed-up is claimed. A claim needs the overlap rule and every seed at the target:
-    a lever that misses the target in some seed has not reached the baseline's accuracy there,
-    whatever its wide interval overlaps."""
+def one_sided(values, null: float) -> OneSided:
+    """One-sided t-test of mean(values) > null (scipy); NaN with fewer than MIN_PAIRS values."""
+    x = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if len(x) < MIN_PAIRS or np.ptp(x) == 0:
+        mean = float(x.mean()) if len(x) else math.nan
+        return OneSided(mean, math.nan, len(x) - 1, math.nan)
+    result = stats.ttest_1samp(x, null, alternative="greater")
+    return OneSided(float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))), len(x) - 1, float(result.pvalue))
+
+
+def compare(results: dict[str, list[SeedResult]], target: float, baseline: str = BASELINE,
+            margin: float = MARGIN) -> pd.DataFrame:
+    """One row per configuration: test accuracy, time to target and to early stop; against the
+    baseline, seed by seed: the accuracy difference with its non-inferiority bound, the speed-up
+    to early stop and the ratio of times to target with intervals; and whether a speed-up is
+    claimed (the module's rule). Margin in points."""
     base = results[baseline]
-    base_acc = mean_interval([r.test_acc for r in base])
-    base_reached = [t for r in base if (t := r.time_to(target)) is not None]
-    base_target = mean_interval(base_reached).mean if len(base_reached) == len(base) else math.nan
     levers = [name for name in results if name != baseline and name.split(":")[0] == baseline.split(":")[0]]
+    accuracy, speed = {}, {}
+    for name in levers:
+        runs = results[name]
+        accuracy[name] = one_sided([(r.test_acc - b.test_acc) * 100 for r, b in zip(runs, base)], -margin)
+        speed[name] = one_sided([math.log(b.total_s / r.total_s) for r, b in zip(runs, base)], 0.0)
+    acc_holm, acc_levels = holm([accuracy[n].p for n in levers])
+    speed_holm, speed_levels = holm([speed[n].p for n in levers])
     rows = []
     for name, runs in results.items():
-        acc = mean_interval([r.test_acc for r in runs])
         reached = [t for r in runs if (t := r.time_to(target)) is not None]
-        to_target = mean_interval(reached)
-        speed_up = ratio_interval([b.total_s for b in base], [r.total_s for r in runs])
-        every_seed = len(reached) == len(runs)
-        claimed = name in levers and every_seed and overlaps_or_above(acc, base_acc)
-        difference = paired_difference([r.test_acc for r in runs], [b.test_acc for b in base], len(levers))
-        rows.append({
-            "configuration": name, "seeds": len(runs), "reached target": f"{len(reached)} of {len(runs)}",
-            "test acc %": acc.format(100.0),
-            "Δ test acc vs odenet-simple, points": "" if name == baseline else difference.format(100.0, 2),
-            "time to target s": to_target.format(), "time to early stop s": mean_interval(
-                [r.total_s for r in runs]).format(),
-            "wall s to early stop": mean_interval([r.wall_s for r in runs]).format(),
-            "epochs": mean_interval([r.epochs for r in runs]).format(),
-            "speed-up to target": base_target / to_target.mean if every_seed else math.nan,
-            "speed-up to early stop": speed_up.format(),
-            "claimed": "yes" if claimed else ("-" if name not in levers else "no"),
-            "claimed_speed_up": speed_up.mean if claimed else math.nan,
-            "acc_mean": acc.mean, "acc_low": acc.low, "acc_high": acc.high,
-        })
+        pairs_to_target = [(b.time_to(target), r.time_to(target)) for r, b in zip(runs, base)]
+        pairs_to_target = [(b, r) for b, r in pairs_to_target if b is not None and r is not None]
+        row = {"configuration": name, "seeds": len(runs), "reached target": f"{len(reached)} of {len(runs)}",
+               "test acc %": mean_interval([r.test_acc * 100 for r in runs]).format(),
+               "time to target s": mean_interval(reached).format(),
+               "time to early stop s": mean_interval([r.total_s for r in runs]).format(),
+               "wall s to early stop": mean_interval([r.wall_s for r in runs]).format(),
+               "epochs": mean_interval([r.epochs for r in runs]).format(),
+               "speed-up to target": ratio_interval(*zip(*pairs_to_target)).format() if pairs_to_target else "",
+               "speed-up to early stop": ratio_interval([b.total_s for b in base], [r.total_s for r in runs]).format()}
+        if name in levers:
+            i = levers.index(name)
+            acc, fast = accuracy[name], speed[name]
+            acc_bound, speed_bound = acc.lower(acc_levels[i]), math.exp(fast.lower(speed_levels[i]))
+            non_inferior = not math.isnan(acc_bound) and acc_bound > -margin
+            faster = not math.isnan(speed_bound) and speed_bound > 1
+            every_seed = len(reached) == len(runs)
+            claimed = non_inferior and faster and every_seed
+            row.update({"Δ test acc, points": f"{acc.mean:.2g}", "Δ lower bound": f"{acc_bound:.2g}",
+                        "non-inferior": "yes" if non_inferior else "no",
+                        "speed-up lower bound": f"{speed_bound:.3g}", "faster": "yes" if faster else "no",
+                        "claimed": "yes" if claimed else "no",
+                        "claimed_speed_up": math.exp(fast.mean) if claimed else math.nan,
+                        "acc_p_holm": acc_holm[i], "acc_level": acc_levels[i], "acc_bound": acc_bound,
+                        "speed_p_holm": speed_holm[i], "speed_level": speed_levels[i], "speed_bound": speed_bound,
+                        "why not": _why_not(acc, fast, non_inferior, faster, every_seed)})
+        else:
+            row.update({"claimed": "-", "claimed_speed_up": math.nan})
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _why_not(acc: OneSided, fast: OneSided, non_inferior: bool, faster: bool, every_seed: bool) -> str:
+    if math.isnan(acc.p) and acc.dof + 1 < MIN_PAIRS:
+        return f"fewer than {MIN_PAIRS} seeds"
+    reasons = [] if non_inferior else ["accuracy not shown within the margin"]
+    reasons += [] if faster else ["speed-up interval not above 1"]
+    reasons += [] if every_seed else ["missed the target in some seed"]
+    return "; ".join(reasons)
 
 
 def run(model_lever: str, seed: int, args: argparse.Namespace) -> SeedResult:
@@ -149,23 +200,30 @@ def main(argv=None) -> int:
     parser.add_argument("--test-subset", type=int, default=2_000)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds FIRST..FIRST+SEEDS-1: more seeds for a saved run, merged with --render")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once, one thread each")
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.82, help="validation accuracy to reach")
+    parser.add_argument("--margin", type=float, default=MARGIN, help="non-inferiority margin, points of test accuracy")
     parser.add_argument("--levers", default=",".join(LEVERS), help="odenet-simple levers (bench/levers.py's atoms)")
     parser.add_argument("--out", help="write the section into this BENCHMARKS.md")
     parser.add_argument("--results", help="also write every run's per-epoch numbers to this JSON file")
-    parser.add_argument("--render", metavar="JSON", help="write the section from a --results file, training nothing")
+    parser.add_argument("--render", metavar="JSON", nargs="+",
+                        help="write the section from --results files, training nothing; several files (other seeds "
+                             "of the same settings) are merged, seed by seed, in the order given")
     args = parser.parse_args(argv)
+    if args.margin <= 0:
+        parser.error(f"--margin must be a positive number of points, got {args.margin}")
     if args.render:
-        saved = json.loads(Path(args.render).read_text())
-        results = {name: [SeedResult(**run) for run in runs] for name, runs in saved["results"].items()}
-        return publish(results, args, saved["wall_s"])
+        results, seeds, wall_s = load_results([Path(p) for p in args.render])
+        return publish(results, seeds, args, wall_s)
     configurations = ["resnet-small:default", BASELINE, *[f"odenet-simple:{lever}" for lever in args.levers.split(",")
                                                           if lever]]
     started = time.time()
-    tasks = [(name, seed) for seed in range(args.seeds) for name in configurations]
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    tasks = [(name, seed) for seed in seeds for name in configurations]
     # A fresh process per run: no state (threads, caches, allocator) carries from one run to the next.
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              max_tasks_per_child=1) as pool:
@@ -176,43 +234,75 @@ def main(argv=None) -> int:
             print(f"{name} seed {seed}: {results[name][-1]}", file=sys.stderr, flush=True)
     wall_s = time.time() - started
     if args.results:
-        Path(args.results).write_text(json.dumps({"wall_s": wall_s, "results": {
+        Path(args.results).write_text(json.dumps({"wall_s": wall_s, "seeds": seeds, "results": {
             name: [dataclasses.asdict(run) for run in runs] for name, runs in results.items()}}, indent=1))
-    return publish(results, args, wall_s)
+    return publish(results, seeds, args, wall_s)
 
 
-def publish(results: dict[str, list[SeedResult]], args: argparse.Namespace, wall_s: float) -> int:
-    text = section(compare(results, args.target), args, wall_s)
+def load_results(paths: list[Path]) -> tuple[dict[str, list[SeedResult]], list[int], float]:
+    """Runs saved by --results, merged: the configurations every file has, their seeds in file
+    order (a file without "seeds" holds 0..n-1), and the files' wall time together."""
+    results, seeds, wall_s = {}, [], 0.0
+    for path in paths:
+        saved = json.loads(path.read_text())
+        runs = {name: [SeedResult(**run) for run in found] for name, found in saved["results"].items()}
+        new_seeds = saved.get("seeds") or list(range(len(next(iter(runs.values())))))
+        if set(new_seeds) & set(seeds):
+            raise SystemExit(f"{path} repeats seeds {sorted(set(new_seeds) & set(seeds))} of an earlier file")
+        results = runs if not results else {n: results[n] + runs[n] for n in results if n in runs}
+        seeds, wall_s = seeds + list(new_seeds), wall_s + saved["wall_s"]
+    return results, seeds, wall_s
+
+
+def publish(results: dict[str, list[SeedResult]], seeds: list[int], args: argparse.Namespace, wall_s: float) -> int:
+    text = section(compare(results, args.target, margin=args.margin), seeds, args, wall_s)
     if args.out:
         write_section(Path(args.out), f"tta_{args.device.split(':')[0]}", text)
     print(text)
     return 0
 
 
-def section(table: pd.DataFrame, args: argparse.Namespace, seconds: float) -> str:
-    shown = table.drop(columns=["claimed_speed_up", "acc_mean", "acc_low", "acc_high"])
+SHOWN = ("configuration", "seeds", "reached target", "test acc %", "Δ test acc, points", "Δ lower bound",
+         "non-inferior", "time to target s", "time to early stop s", "wall s to early stop", "epochs",
+         "speed-up to target", "speed-up to early stop", "speed-up lower bound", "faster", "claimed", "why not")
+
+
+def section(table: pd.DataFrame, seeds: list[int], args: argparse.Namespace, seconds: float) -> str:
+    shown = table[[c for c in SHOWN if c in table]].fillna("")
     claimed = table.dropna(subset=["claimed_speed_up"])
     best = claimed.loc[claimed["claimed_speed_up"].idxmax()] if not claimed.empty else None
+    levers = int((table["claimed"] != "-").sum())
+    runs = f"--render {' '.join(args.render)}" if args.render else (
+        f"--seeds {args.seeds}" + (f" --first-seed {args.first_seed}" if args.first_seed else ""))
     lines = [f"# Time to accuracy on {args.device}, over seeds",
              "",
              f"- Command: `python -m bench.time_to_accuracy --device {args.device} --subset {args.subset} "
-             f"--test-subset {args.test_subset} --width {args.width} --seeds {args.seeds} --jobs {args.jobs} "
-             f"--max-epochs {args.max_epochs} --patience {args.patience} --target {args.target}`; "
-             f"{seconds / 60:.0f} min of wall time on {platform.node()}.",
+             f"--test-subset {args.test_subset} --width {args.width} {runs} --jobs {args.jobs} "
+             f"--max-epochs {args.max_epochs} --patience {args.patience} --target {args.target} "
+             f"--margin {args.margin:g}`; {seconds / 60:.0f} min of wall time on {platform.node()}.",
              f"- Real FashionMNIST, the first {args.subset} training images split 80/20 (split seed 0), "
-             f"{args.test_subset} test images; width {args.width}; seeds 0..{args.seeds - 1} (weights and batch "
-             f"order); at most {args.max_epochs} epochs, early stopping after {args.patience} epochs without a better "
-             "validation loss. Validation and test always dopri5 at 1e-3. Intervals: 95% t-intervals over seeds.",
+             f"{args.test_subset} test images; width {args.width}; seeds {', '.join(map(str, seeds))} (weights and "
+             f"batch order); at most {args.max_epochs} epochs, early stopping after {args.patience} epochs without "
+             "a better validation loss. Validation and test always dopri5 at 1e-3. Per configuration: means with "
+             "95% t-intervals over seeds (accuracy as a spread over seeds on one test set, not a test).",
              f"- Times are CPU seconds of each run's own process (one thread, {args.jobs} runs at once), from the "
              "first epoch to early stop, validation included; wall seconds beside them. CPU time is the measure "
              "that does not count other work sharing the machine.",
-             "- Paired by seed against odenet-simple at the study's settings: the test-accuracy difference "
-             "(interval Bonferroni-widened for the levers compared) and the speed-up to early stop (geometric mean "
-             "of the per-seed ratios, t-interval on their logarithms).",
-             f"- A speed-up is claimed only at equal accuracy: the lever's test-accuracy interval overlaps the "
-             f"baseline's (or lies above it) and every seed reached the target validation accuracy {args.target}.",
-             f"- **Best claimed: {best['configuration']} at {best['speed-up to early stop']}x** the study's "
-             "odenet-simple to early stop." if best is not None else "- **No lever is faster at equal accuracy here.**",
+             f"- Paired by seed against odenet-simple at the study's settings, over the {levers} lever(s) compared "
+             f"(Holm's method over them, family-wise error {ALPHA:g} for each of the two tests): `Δ test acc` is "
+             "the mean paired difference and `Δ lower bound` its one-sided lower confidence bound at the level "
+             "Holm used; `speed-up to early stop` is the geometric mean of the per-seed ratios with a 95% "
+             "t-interval on their logarithms, and `speed-up lower bound` its one-sided Holm-level bound; "
+             "`speed-up to target` is the same paired ratio for the time to the target, over the seeds where "
+             "both reached it.",
+             f"- **The claim rule.** Equal accuracy is a non-inferiority test with a margin of **{args.margin:g} "
+             f"point(s)**: the lever's `Δ lower bound` must lie above -{args.margin:g}. A speed-up is claimed only "
+             f"for a non-inferior lever whose `speed-up lower bound` lies above 1, over at least {MIN_PAIRS} seeds, "
+             f"every seed having reached the target validation accuracy {args.target}.",
+             f"- **Claimed: {best['configuration']} at {best['speed-up to early stop']}x** the study's "
+             "odenet-simple to early stop." if best is not None else
+             f"- **No speed-up is claimed with these {len(seeds)} seeds**: no lever is both shown non-inferior "
+             f"within {args.margin:g} point(s) and shown faster.",
              "",
              shown.to_markdown(index=False, floatfmt=".3g")]
     return "\n".join(lines)

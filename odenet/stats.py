@@ -1,8 +1,18 @@
-"""Interval estimates and paired comparisons over seeds (scipy.stats), and their verdicts.
+"""Interval estimates, paired comparisons over seeds and their multiplicity control, and the
+verdicts put in words (scipy.stats, statsmodels).
 
-A difference is claimed only when its interval, widened for the number of comparisons
-in one table (Bonferroni), excludes zero; otherwise the verdict says that no difference
-was detectable with the seeds there were.
+The rules every answer follows:
+
+- a comparison is paired by seed (same weights' seed, same batch order) and tested with a
+  paired t-test; it needs at least MIN_PAIRS pairs where both runs finished;
+- error is controlled over a declared family of comparisons (by default every comparison in
+  one report) with Holm's step-down method, and each interval is shown at the level Holm
+  used for it: 1 - alpha * p / p_holm. So an interval excludes 0 exactly when the Holm-adjusted
+  p-value is below alpha, and the verdict and the interval never disagree;
+- a spread of paired differences below the test set's resolution (one image in N) is not
+  estimated: a t-interval from floating-point noise would claim a precision no test set has;
+- accuracies (in [0, 1]) get intervals inside [0, 1]: the range over 3 or fewer seeds, and a
+  t-interval on the logit scale mapped back otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+MIN_PAIRS = 3  # fewer finished pairs give no verdict: a t-interval on 2 pairs has 1 degree of freedom
+RANGE_UP_TO = 3  # accuracy over this many seeds or fewer is shown as its range, not an interval
 
 
 @dataclass(frozen=True)
@@ -32,9 +45,13 @@ class Interval:
         return f"{self.mean * scale:.{digits}g} [{self.low * scale:.{digits}g}, {self.high * scale:.{digits}g}]"
 
 
+def _clean(values: Sequence[float]) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+
+
 def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
     """The mean with its t-interval; with one value the interval is undefined (NaN)."""
-    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    x = _clean(values)
     if len(x) == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
     if len(x) == 1:
@@ -45,21 +62,82 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> In
     return Interval(float(x.mean()), float(ci.low), float(ci.high), len(x))
 
 
-def paired_difference(variant: Sequence[float], base: Sequence[float], comparisons: int = 1,
-                      confidence: float = CONFIDENCE) -> Interval:
-    """Mean of variant - base over pairs (same seed), with a paired t-interval at the
-    Bonferroni-adjusted level for `comparisons` comparisons."""
+def accuracy_interval(values: Sequence[float], resolution: float, confidence: float = CONFIDENCE) -> Interval:
+    """Mean accuracy (a fraction) with an interval that stays inside [0, 1]: the range (min, max)
+    over RANGE_UP_TO seeds or fewer; otherwise a t-interval of the accuracies' logits, mapped back.
+    Accuracies of exactly 0 or 1 are moved in by half the test set's `resolution` (1/N) for the logit."""
+    x = _clean(values)
+    if len(x) <= 1:
+        return mean_interval(x)
+    if len(x) <= RANGE_UP_TO or np.ptp(x) < resolution:
+        return Interval(float(x.mean()), float(x.min()), float(x.max()), len(x))
+    clipped = np.clip(x, resolution / 2, 1 - resolution / 2)
+    ci = stats.ttest_1samp(np.log(clipped / (1 - clipped)), 0.0).confidence_interval(confidence)
+    expit = lambda v: float(1 / (1 + math.exp(-v)))  # noqa: E731
+    return Interval(float(x.mean()), expit(ci.low), expit(ci.high), len(x))
+
+
+def accuracy_interval_kind(n: int) -> str:
+    """How accuracy_interval summarised n seeds, in words for a caption."""
+    return "range (min, max)" if n <= RANGE_UP_TO else "95% t-interval on the logit scale"
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One paired comparison before its family is adjusted: the differences' mean, standard
+    error, degrees of freedom and two-sided p-value, or why there is none (`not_estimable`)."""
+
+    mean: float
+    se: float
+    dof: int
+    p: float
+    n: int
+    not_estimable: str = ""
+
+    def interval(self, level: float) -> Interval:
+        """The two-sided t-interval of the mean difference at `level`."""
+        if self.not_estimable or math.isnan(level):
+            return Interval(self.mean, math.nan, math.nan, self.n)
+        half = stats.t.ppf(1 - (1 - level) / 2, self.dof) * self.se
+        return Interval(self.mean, self.mean - half, self.mean + half, self.n)
+
+
+def paired_test(variant: Sequence[float], base: Sequence[float], resolution: float) -> Paired:
+    """Paired t-test of variant - base over the pairs where both are numbers (finished).
+    Not estimable with fewer than MIN_PAIRS pairs, or when the differences' standard deviation is
+    below `resolution` (1/N for accuracies on N test images)."""
     pairs = [(v, b) for v, b in zip(variant, base) if not (math.isnan(v) or math.isnan(b))]
-    level = 1 - (1 - confidence) / max(1, comparisons)
-    if len(pairs) < 2:
-        diff = float(np.mean([v - b for v, b in pairs])) if pairs else math.nan
-        return Interval(diff, math.nan, math.nan, len(pairs))
-    v, b = np.array(pairs).T
-    d = v - b
-    if np.ptp(d) == 0:
-        return Interval(float(d[0]), float(d[0]), float(d[0]), len(d))
-    ci = stats.ttest_rel(v, b).confidence_interval(level)
-    return Interval(float(d.mean()), float(ci.low), float(ci.high), len(d))
+    d = np.array([v - b for v, b in pairs], dtype=float)
+    mean = float(d.mean()) if len(d) else math.nan
+    if len(d) < MIN_PAIRS:
+        return Paired(mean, math.nan, len(d) - 1, math.nan, len(d),
+                      f"not estimable: {len(d)} finished pair(s), need at least {MIN_PAIRS}")
+    sd = float(d.std(ddof=1))
+    if sd < resolution:
+        return Paired(mean, math.nan, len(d) - 1, math.nan, len(d),
+                      f"not estimable: the {len(d)} paired differences vary by less than the test set's "
+                      f"resolution ({resolution:.2g})")
+    result = stats.ttest_rel([v for v, _ in pairs], [b for _, b in pairs])
+    return Paired(mean, sd / math.sqrt(len(d)), len(d) - 1, float(result.pvalue), len(d))
+
+
+def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[list[float], list[float]]:
+    """Holm-adjusted p-values over the family (statsmodels multipletests) and, per comparison,
+    the confidence level of its interval: 1 - alpha * p / p_holm, so the interval excludes the
+    null value exactly when the adjusted p is below alpha. NaN p-values (not estimable) are not
+    members of the family."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    members = ~np.isnan(p)
+    adjusted = np.full(len(p), math.nan)
+    levels = np.full(len(p), math.nan)
+    if members.any():
+        adjusted[members] = multipletests(p[members], alpha=alpha, method="holm")[1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(adjusted > 0, p / adjusted, 1.0)
+        levels[members] = 1 - alpha * ratio[members]
+    return adjusted.tolist(), levels.tolist()
 
 
 def ratio_interval(base: Sequence[float], variant: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
@@ -70,13 +148,26 @@ def ratio_interval(base: Sequence[float], variant: Sequence[float], confidence: 
                     logs.n)
 
 
-def verdict(diff: Interval, unit: str = "points", scale: float = 100.0) -> str:
-    """Plain words for a difference: its direction when the interval excludes zero."""
-    if diff.n < 2:
-        return f"not testable: {diff.n} paired seed(s), need at least 2"
-    size, half = abs(diff.mean) * scale, (diff.high - diff.low) / 2 * scale
-    if diff.low > 0:
-        return f"higher by {size:.2g} ± {half:.2g} {unit}"
-    if diff.high < 0:
-        return f"lower by {size:.2g} ± {half:.2g} {unit}"
-    return f"no difference detectable with {diff.n} seeds"
+def paired_outcomes(variant_failed: Sequence[bool], base_failed: Sequence[bool]) -> float:
+    """Exact McNemar p-value for paired yes/no outcomes (e.g. diverged) over seeds: only the seeds
+    where exactly one of the two failed carry information. 1.0 when no seed differs."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    v, b = np.asarray(variant_failed, bool), np.asarray(base_failed, bool)
+    table = [[int(np.sum(v & b)), int(np.sum(v & ~b))], [int(np.sum(~v & b)), int(np.sum(~v & ~b))]]
+    if table[0][1] + table[1][0] == 0:
+        return 1.0
+    return float(mcnemar(table, exact=True).pvalue)
+
+
+def verdict(paired: Paired, adjusted_p: float, interval: Interval, unit: str = "points", scale: float = 100.0) -> str:
+    """Plain words for a difference after its family's adjustment: its direction when the
+    Holm-adjusted p is below alpha, else that none was detectable."""
+    if paired.not_estimable:
+        return paired.not_estimable
+    if adjusted_p >= ALPHA or math.isnan(adjusted_p):
+        return f"no difference detectable (Holm p = {adjusted_p:.2g})"
+    size = abs(paired.mean) * scale
+    low, high = interval.low * scale, interval.high * scale
+    direction = "higher" if paired.mean > 0 else "lower"
+    return f"{direction} by {size:.2g} [{low:.2g}, {high:.2g}] {unit} (Holm p = {adjusted_p:.2g})"

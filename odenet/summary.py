@@ -40,6 +40,14 @@ def summarize(history: Sequence[Mapping[str, float]] | pd.DataFrame, up_to_epoch
     }
 
 
+def at_epoch(history: pd.DataFrame, epoch: int, keys: Sequence[str] = ("fnfe", "bnfe")) -> dict[str, float]:
+    """The run's `keys` at one epoch (NaN where it did not reach it): the way to compare the cost
+    of runs that trained for different numbers of epochs, since FNFE and BNFE drift as the
+    dynamics learn and a mean over a run's epochs depends on how long it ran."""
+    row = history[history["epoch"] == epoch] if not history.empty else history
+    return {key: float(row[key].iloc[0]) if len(row) and key in row else float("nan") for key in keys}
+
+
 def reevaluation_metric(kind: str, solver: str) -> str:
     """The metric a re-evaluation logs: kind 'acc' or 'fnfe', solver a REEVALUATION_SOLVERS name."""
     return f"eval_{kind}_{solver}"

@@ -82,14 +82,17 @@ def test_one_at_a_time_report_finds_the_planted_effect_and_no_effect_where_none(
     norm = pd.read_csv(tmp_path / "out" / "one_at_a_time_norm.csv")
     row = norm[norm["value"] == "batchnorm"].iloc[0]
     assert row["diff_low"] <= 0 <= row["diff_high"]
-    assert row["verdict"] == f"no difference detectable with {len(SEEDS)} seeds"
+    assert row["verdict"].startswith("no difference detectable (Holm p = ")
+    assert row["verdict"].endswith(f"in {len(SEEDS)} of {len(SEEDS)} seeds that finished; 0 diverged (0 in the base)")
     # the diverged run is counted with its cause, and its missing accuracy is not a zero in the mean
     assert row["diverged"] == "1 (underflow x1)" and row["seeds finished"] == f"{len(SEEDS)} of {len(SEEDS) + 1}"
     base_mean = norm.iloc[0]["test_acc_mean"]
     assert abs(row["test_acc_mean"] - base_mean) < 0.005
     assert "### final_time" in text and "higher by" in text and "no difference detectable" in text
+    assert "the family being all 2 estimable accuracy comparisons in this report" in text
     logged = {a.path for a in MlflowClient().list_artifacts(parent, "report")}
-    assert {"report/report.md", "report/one_at_a_time_final_time.csv", "report/test_acc_by_final_time.png"} <= logged
+    assert {"report/report.md", "report/one_at_a_time_final_time.csv", "report/effect_one_at_a_time_final_time.png",
+            "report/per_epoch_one_at_a_time_final_time.png"} <= logged
 
 
 def epochs(values):
@@ -124,4 +127,26 @@ def test_search_report_compares_trials_at_one_budget(outcome, tracking_env, tmp_
     ranked = pd.read_csv(tmp_path / "out" / "search_importance.csv")
     assert list(ranked["dimension"])[0] == "final_time"
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "Common budget: epoch 1" in text and "no per-setting means" in text
+    assert "Budget: epoch 1" in text and "no per-setting means" in text
+
+
+def test_two_sweeps_in_one_experiment_are_reported_apart(outcome, tracking_env, tmp_path):
+    """Seeds 0-2 twice, under two sweeps: never "6 of 3", never paired across sweeps."""
+    experiment = "twice"
+    for sweep, shift in (("first", 0.0), ("second", 0.05)):
+        parent = start_parent_run(experiment, sweep, {"design": "one-at-a-time"}, False, "one-at-a-time")
+        for seed in range(3):
+            cell = {"design": "one-at-a-time", "seed": str(seed)}
+            log_run(experiment, parent, outcome, {"seed": seed}, {**cell, "ablated_dimension": "base"},
+                    0.80 + shift + 0.01 * seed)
+            log_run(experiment, parent, outcome, {"seed": seed, "final_time": 2},
+                    {**cell, "ablated_dimension": "final_time", "ablated_value": "2.0"}, 0.81 + shift + 0.011 * seed)
+
+    text = report.main(experiment, str(tmp_path / "out"))
+
+    assert "## One-at-a-time ablation — sweep first" in text and "## One-at-a-time ablation — sweep second" in text
+    for sweep, shift in (("first", 0.0), ("second", 0.05)):
+        table = pd.read_csv(tmp_path / "out" / f"{sweep}_one_at_a_time_final_time.csv")
+        assert list(table["seeds finished"]) == ["3 of 3", "3 of 3"]
+        assert table.iloc[0]["test_acc_mean"] == pytest.approx(0.81 + shift)
+        assert table.iloc[1]["diff_n"] == 3
