@@ -19,9 +19,11 @@ from typing import Any, Callable, Sequence
 
 from ray import tune
 
-from odenet import envvars, progress, sweep_record, tracking
+from odenet import envvars, sweep_record, tracking
 from odenet.config import ConfigError, RunConfig
 from odenet.failures import Diverged
+from odenet.progress import OFF as NO_PROGRESS
+from odenet.progress import check as check_output_settings
 from odenet.tracker import IDENTITY_TAG, MlflowTracker
 from odenet.report import SEARCH
 from odenet.run import execute
@@ -97,7 +99,7 @@ def worker_env() -> dict[str, str]:
     a credential (envvars.SECRETS), which workers take from their own environment. No progress
     output in workers: Tune's table, or the driver's bar, is the view."""
     return {**{name: os.environ[name] for name in envvars.FOR_WORKERS
-               if os.environ.get(name) and name not in envvars.SECRETS}, envvars.PROGRESS: progress.OFF}
+               if os.environ.get(name) and name not in envvars.SECRETS}, envvars.PROGRESS: NO_PROGRESS}
 
 
 class CloseTrialRuns(tune.Callback):
@@ -363,7 +365,7 @@ def main(program: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     from odenet.data import DataError
 
     try:
-        progress.check()
+        check_output_settings()
         program(argv)
     except (SweepError, ConfigError, DataError, tracking.TrackingError, naming.SweepNameError,
             places.PlaceError) as exc:
