@@ -23,6 +23,7 @@ from bench.plan import plan, run_config
 from bench.results import Measurements, summarise
 from bench.worker import collect, spawn
 from odenet import data as data_module
+from odenet import progress
 from odenet.config import ConfigError
 from odenet.data import DataError
 from odenet.train import resolve_device
@@ -48,27 +49,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = len(cases) + len(sharing)
     _log(f"python -m bench: {len(cases)} configurations and {len(sharing)} shared-machine measurements, "
          f"{settings.repeats} interleaved repetitions, {cores} cores, device {device}")
-    for repeat in range(1, settings.repeats + 1):
-        for step, case in enumerate(cases, start=1):
-            config = run_config(settings, case.model, case.changes, settings.epochs)
-            result = collect(spawn(dict(loop=case.loop, dataloader=case.dataloader, threads=cores,
-                                        config=config.to_dict())))
-            loads.append(_load())
-            runs[case.key].append(result)
-            _log(f"[{repeat}/{settings.repeats} {step}/{steps} {clock(time.time() - started)}] {case.key}: "
-                 + _brief(result))
-        for step, shared in enumerate(sharing, start=len(cases) + 1):
-            config = run_config(settings, shared.model, {}, settings.concurrency_epochs)
-            spec = dict(loop="ours", dataloader=False, threads=shared.threads, config=config.to_dict())
-            results = [collect(process) for process in [spawn(spec) for _ in range(shared.trials)]]
-            loads.append(_load())
-            shared_runs[shared.key].append(results)
-            _log(f"[{repeat}/{settings.repeats} {step}/{steps} {clock(time.time() - started)}] {shared.key}: "
-                 + "; ".join(_brief(r) for r in results))
-        # Written after every repetition: a run stopped early still leaves its finished ones.
-        text = section(Measurements(settings, cases, sharing, runs, shared_runs), device, cores,
-                       time.time() - started, loads)
-        write_section(settings.out, device.type, text)
+    # The measurements' own lines say what each measured; the bar, on a terminal, how long is left.
+    with progress.phase("python -m bench", settings.repeats * steps, "measurements") as advance:
+        for repeat in range(1, settings.repeats + 1):
+            for step, case in enumerate(cases, start=1):
+                config = run_config(settings, case.model, case.changes, settings.epochs)
+                result = collect(spawn(dict(loop=case.loop, dataloader=case.dataloader, threads=cores,
+                                            config=config.to_dict())))
+                loads.append(_load())
+                runs[case.key].append(result)
+                advance(1)
+                _log(f"[{repeat}/{settings.repeats} {step}/{steps} {clock(time.time() - started)}] {case.key}: "
+                     + _brief(result))
+            for step, shared in enumerate(sharing, start=len(cases) + 1):
+                config = run_config(settings, shared.model, {}, settings.concurrency_epochs)
+                spec = dict(loop="ours", dataloader=False, threads=shared.threads, config=config.to_dict())
+                results = [collect(process) for process in [spawn(spec) for _ in range(shared.trials)]]
+                loads.append(_load())
+                shared_runs[shared.key].append(results)
+                advance(1)
+                _log(f"[{repeat}/{settings.repeats} {step}/{steps} {clock(time.time() - started)}] {shared.key}: "
+                     + "; ".join(_brief(r) for r in results))
+            # Written after every repetition: a run stopped early still leaves its finished ones.
+            text = section(Measurements(settings, cases, sharing, runs, shared_runs), device, cores,
+                           time.time() - started, loads)
+            write_section(settings.out, device.type, text)
     print(text)
     _log(f"wrote {settings.out}")
     return 0
@@ -82,7 +87,7 @@ def cores_available() -> int:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    progress.say(message)
 
 
 def _load() -> float:

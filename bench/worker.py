@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bench.memory import PeakMemory
 from bench.reference import train_reference
 from odenet import data as data_module
+from odenet import envvars, progress
 from odenet.config import RunConfig
 from odenet.failures import Diverged
 from odenet.train import fit, resolve_device
@@ -31,7 +32,9 @@ def spawn(spec: dict[str, Any]) -> subprocess.Popen:
     """Start one measurement; `collect` waits for it."""
     env = dict(os.environ)
     threads = str(spec["threads"])
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+    # No progress output: the measurement times the loop alone, and the driver shows the progress.
+    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
+                envvars.PROGRESS: progress.OFF})
     return subprocess.Popen([sys.executable, "-m", "bench.worker", json.dumps(spec)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

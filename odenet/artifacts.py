@@ -12,11 +12,10 @@ import yaml
 
 from odenet import plots
 from odenet.provenance import installed_packages
+from odenet.train import BEST_CHECKPOINT
 
 if TYPE_CHECKING:
     from odenet.run import RunOutcome
-
-BEST_CHECKPOINT = "checkpoints/model_best.pt"
 
 
 def write_history_artifacts(history: list[dict], folder: Path) -> None:

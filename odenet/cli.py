@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from odenet import envvars
 from odenet.config import ConfigError, RunConfig
 
 EXIT_BAD_INPUT = 2
@@ -83,7 +84,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from odenet import report
+    from odenet import progress, report
+
+    progress.say(f"report: fetching the runs of {args.experiment!r} and their per-epoch metrics, then fitting "
+                 "the tables, intervals and figures")
 
     print(report.main(args.experiment, out_dir=args.out))
     return 0
@@ -92,8 +96,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odenet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Every command takes it after its name, where a user adds it to the line that misbehaved.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help=f"show MLflow's, alembic's and Ray's INFO logs (or set ${envvars.LOG_LEVEL})")
 
-    train = sub.add_parser("train", help="train one run and log it to MLflow")
+    train = sub.add_parser("train", parents=[common], help="train one run and log it to MLflow")
     RunConfig.add_arguments(train)
     train.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default runs/MODEL-TIME)")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir")
@@ -101,18 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-name", help="MLflow run name (default: MLflow picks one)")
     train.set_defaults(func=cmd_train)
 
-    describe = sub.add_parser("describe", help="print a model's layers and parameter counts")
+    describe = sub.add_parser("describe", parents=[common], help="print a model's layers and parameter counts")
     RunConfig.add_arguments(describe)
     describe.set_defaults(func=cmd_describe)
 
-    evaluate = sub.add_parser("evaluate", help="re-run the test evaluation of a run logged in MLflow")
+    evaluate = sub.add_parser("evaluate", parents=[common],
+                              help="re-run the test evaluation of a run logged in MLflow")
     evaluate.add_argument("--run-id", required=True, help="MLflow run id")
     evaluate.add_argument("--data-dir", help="data folder (default $ODENET_DATA_DIR)")
     evaluate.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    report = sub.add_parser("report", help="an experiment's tables with intervals and verdicts, logged to its parent run")
+    report = sub.add_parser("report", parents=[common],
+                            help="an experiment's tables with intervals and verdicts, logged to its parent run")
     report.add_argument("--experiment", required=True, help="MLflow experiment name")
     report.add_argument("--out", metavar="DIR",
                         help="where report.md, the CSV tables and the PNG figures go (default: reports/EXPERIMENT)")
@@ -122,14 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from odenet import progress
+
+    try:
+        # Before MLflow or Ray is imported: they read their log levels once, at import.
+        progress.quiet_third_party(args.verbose)
+        progress.check()
+    except ConfigError as exc:
+        return bad_input(exc)
     from odenet.data import DataError
     from odenet.tracking import TrackingError
 
     try:
         return args.func(args)
     except (ConfigError, DataError, TrackingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return bad_input(exc)
+
+
+def bad_input(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

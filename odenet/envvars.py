@@ -63,3 +63,14 @@ RAY_AIR_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
 # SECRET_ACCESS_KEY. Made up by the stack when unset.
 STACK_ADMIN_USERNAME = "MLFLOW_AUTH_ADMIN_USERNAME"
 STACK_ADMIN_PASSWORD = "MLFLOW_AUTH_ADMIN_PASSWORD"
+
+# What a user sees while a run works (odenet/progress.py): PROGRESS is auto (bars on a
+# terminal, one line per phase elsewhere), bars, lines or off (a sweep's trials: Tune's table
+# is the view there); LOG_LEVEL is the level of MLflow's, alembic's and Ray's own logs on the
+# terminal (default WARNING; `odenet --verbose` is INFO).
+PROGRESS = "ODENET_PROGRESS"
+LOG_LEVEL = "ODENET_LOG_LEVEL"
+# The libraries' own level variables, set from LOG_LEVEL before they are imported (and so
+# handed on to Ray's workers), unless the user set them.
+MLFLOW_LOGGING_LEVEL = "MLFLOW_LOGGING_LEVEL"
+RAY_LOGGER_LEVEL = "RAY_LOGGER_LEVEL"

@@ -16,6 +16,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from odenet import progress
 from odenet.data import Split
 from odenet.failures import Diverged, solver_failures
 from odenet.models import Classifier, SolverSettings, parameter_counts
@@ -71,17 +72,21 @@ class TestReport:
 
 
 @torch.no_grad()
-def predict(model: Classifier, split: Split, batch_size: int) -> Predictions:
-    """The model's class probabilities, mean loss and FNFE over a split, in eval mode."""
+def predict(model: Classifier, split: Split, batch_size: int, phase: str = "evaluation",
+            per_epoch: bool = False) -> Predictions:
+    """The model's class probabilities, mean loss and FNFE over a split, in eval mode; its
+    progress shown as `phase` (see progress.phase for `per_epoch`)."""
     model.eval()
     probabilities, loss_sum, nfe, batches = [], 0.0, 0, 0
-    for x, y in split.batches(batch_size):
-        model.reset_nfe()
-        logits = model(x)
-        nfe += model.fnfe
-        batches += 1
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        probabilities.append(logits.softmax(1).float().cpu())
+    with progress.phase(phase, len(split), per_epoch=per_epoch) as advance:
+        for x, y in split.batches(batch_size):
+            model.reset_nfe()
+            logits = model(x)
+            nfe += model.fnfe
+            batches += 1
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            probabilities.append(logits.softmax(1).float().cpu())
+            advance(len(y))
     model.train()
     return Predictions(
         probabilities=torch.cat(probabilities).numpy(),
@@ -93,7 +98,7 @@ def predict(model: Classifier, split: Split, batch_size: int) -> Predictions:
 
 def evaluate(model: Classifier, split: Split, class_names: tuple[str, ...], batch_size: int) -> TestReport:
     """Accuracy, loss, confusion matrix, classification report, per-class AP and ROC AUC."""
-    predictions = predict(model, split, batch_size)
+    predictions = predict(model, split, batch_size, "test evaluation")
     classes = list(range(len(class_names)))
     scores = classification_report(predictions.labels, predictions.predicted, labels=classes,
                                    target_names=list(class_names), output_dict=True, zero_division=0)
@@ -142,7 +147,7 @@ def reevaluate(model: Classifier, split: Split, solver: SolverSettings, batch_si
         variation = replace(solver, method=method, rtol=tol or solver.rtol, atol=tol or solver.atol)
         try:
             with solver_failures(epoch=0, batch=None), model.solving_with(variation):
-                predictions = predict(model, split, batch_size)
+                predictions = predict(model, split, batch_size, f"re-evaluation {name}")
             rows.append({"solver": name, "accuracy": predictions.accuracy, "fnfe": predictions.fnfe,
                          "failure_cause": ""})
         except Diverged as exc:

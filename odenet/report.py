@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from odenet import plots, tracking
+from odenet import plots, progress, tracking
 from odenet.evaluate import REEVALUATION_SOLVERS
 from odenet.failures import Diverged
 from odenet.stats import (ALPHA, MIN_PAIRS, RANGE_UP_TO, Interval, Paired, accuracy_interval, holm, mean_interval,
@@ -128,7 +128,7 @@ def histories(run_ids, keys=("val_loss", "val_acc", "fnfe", "bnfe", "epoch_time_
     """Each run's per-epoch metrics (step = epoch), as logged."""
     c = tracking.client()
     out = {}
-    for run_id in run_ids:
+    for run_id in progress.tracked(list(run_ids), "fetching per-epoch metrics", "runs"):
         columns = {key: {m.step: m.value for m in c.get_metric_history(run_id, key)} for key in keys}
         if any(columns.values()):
             out[run_id] = pd.DataFrame(columns).rename_axis("epoch").reset_index().sort_values("epoch")

@@ -9,23 +9,25 @@ results end up.
 from __future__ import annotations
 
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
-from odenet import data
-from odenet.artifacts import BEST_CHECKPOINT
+from odenet import data, progress
 from odenet.config import RunConfig
-from odenet.evaluate import TestReport, evaluate, reevaluate
+from odenet.evaluate import REEVALUATION_SOLVERS, TestReport, evaluate, reevaluate
 from odenet.failures import Diverged, solver_failures
 from odenet.models import Classifier, SolverSettings, build
 from odenet.summary import reevaluation_metrics, summarize
 from odenet.tracking import check_server, client
-from odenet.train import (CHECKPOINT_FILE, EpochCallback, EpochMetrics, FitResult, fit, load_checkpoint,
-                          resolve_device)
+from odenet.train import (BEST_CHECKPOINT, CHECKPOINT_FILE, EpochCallback, EpochMetrics, FitResult, fit,
+                          load_checkpoint, resolve_device)
 
 
 @dataclass
@@ -76,6 +78,55 @@ class NoTracker:
         pass
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, in images, and roughly how long at a pace measured on one batch."""
+
+    epochs: int  # still to train
+    epochs_done: int  # by the run this one resumes
+    train_images: int
+    val_images: int
+    test_images: int
+    solvers: tuple[str, ...]  # the re-evaluation's
+    seconds: float
+
+    def __str__(self) -> str:
+        done = f" ({self.epochs_done} done before)" if self.epochs_done else ""
+        work = [f"{self.epochs} epoch{'s' * (self.epochs != 1)}{done} on {self.train_images:,} training images "
+                f"(validation on {self.val_images:,} after each)",
+                f"the test evaluation on {self.test_images:,} images"]
+        if self.solvers:
+            work.append(f"its re-evaluation with {len(self.solvers)} solvers ({', '.join(self.solvers)}), "
+                        f"{self.test_images:,} images each")
+        return (f"plan: {', then '.join(work)}; roughly {_duration(self.seconds)} on this machine "
+                f"(--test-subset N and --no-reevaluate shorten the test phases)")
+
+
+def plan(config: RunConfig, splits: data.DataSplits, epochs_done: int) -> Plan:
+    """The run's work, timed on one batch of a fresh model: rough, since a trained ODE model may
+    take more solver steps than an untrained one."""
+    solvers = tuple(name for name, _, _ in REEVALUATION_SOLVERS) if config.is_ode and config.reevaluate else ()
+    model = build(config).to(splits.train.images.device)
+    x, y = next(splits.train.batches(config.batch_size))
+    start = time.perf_counter()
+    (F.cross_entropy(model(x), y) + model.regularisation()).backward()
+    per_train_image = (time.perf_counter() - start) / len(y)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad(), model.solving_with(SolverSettings.for_evaluation(config)):
+        model(x)
+    per_eval_image = (time.perf_counter() - start) / len(y)
+    epochs = max(config.max_epochs - epochs_done, 0)
+    images = (len(splits.train), len(splits.val), len(splits.test))
+    seconds = (epochs * (images[0] * per_train_image + images[1] * per_eval_image)
+               + images[2] * (1 + len(solvers)) * per_eval_image)
+    return Plan(epochs, epochs_done, *images, solvers, seconds)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.0f} min"
+
+
 def resumed(checkpoint_dir: str | Path | None) -> tuple[str | None, list[dict]]:
     """The tracking run id and the epochs already trained, from an existing checkpoint."""
     if checkpoint_dir is None or not (Path(checkpoint_dir) / CHECKPOINT_FILE).exists():
@@ -94,7 +145,8 @@ def execute(
     """Train, evaluate and report one run; a `Diverged` run, or one that raised, is reported as
     failed and the exception re-raised."""
     tracker = tracker or NoTracker()
-    run_id = tracker.start(config, *resumed(checkpoint_dir))
+    resumed_run_id, history = resumed(checkpoint_dir)
+    run_id = tracker.start(config, resumed_run_id, history)
 
     def epoch_done(metrics: EpochMetrics) -> None:
         tracker.log_epoch(metrics)
@@ -103,7 +155,11 @@ def execute(
 
     metadata: dict[str, Any] = {"tracking_run_id": run_id} if run_id else {}
     try:
-        fitted = fit(config, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir, checkpoint_metadata=metadata)
+        splits = data.load(config, resolve_device(config.device))
+        if progress.mode() != progress.OFF:
+            progress.say(str(plan(config, splits, len(history))))
+        fitted = fit(config, splits, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir,
+                     checkpoint_metadata=metadata)
         evaluation = SolverSettings.for_evaluation(config)
         with solver_failures(fitted.history[-1].epoch if fitted.history else 0, None), \
                 fitted.model.solving_with(evaluation):

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from odenet import data as data_module
-from odenet import models
+from odenet import models, progress
 from odenet.config import ConfigError, RunConfig
 from odenet.evaluate import predict
 from odenet.failures import Diverged, solver_failures
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # the latest epoch's, in the run's checkpoint folder: resumes the run
+BEST_CHECKPOINT = "checkpoints/model_best.pt"  # the best epoch's weights, among a finished run's artifacts
 
 
 @dataclass
@@ -157,30 +158,32 @@ def _run_epoch(config, model, optimizer, data, epoch, device) -> EpochMetrics:
     # The batch order depends only on (seed, epoch), so a resumed run sees the same batches.
     order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     loss_sum, correct, seen, fnfe, bnfe, batches = 0.0, 0, 0, 0, 0, 0
-    for batch, (x, y) in enumerate(data.train.batches(config.batch_size, order), start=1):
-        model.reset_nfe()
-        with solver_failures(epoch, batch):
-            logits = model(x)
-            forward_nfe = model.fnfe
-            loss = F.cross_entropy(logits, y)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise Diverged("non_finite_loss", epoch, batch, f"loss = {loss_value}")
-            optimizer.zero_grad(set_to_none=True)
-            # The regularisers shape training only; train_loss stays comparable across runs.
-            (loss + model.regularisation()).backward()
-        optimizer.step()
-        loss_sum += loss_value * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-        fnfe += forward_nfe
-        bnfe += model.bnfe
-        batches += 1
+    with progress.phase(f"epoch {epoch} training", len(data.train), per_epoch=True) as advance:
+        for batch, (x, y) in enumerate(data.train.batches(config.batch_size, order), start=1):
+            model.reset_nfe()
+            with solver_failures(epoch, batch):
+                logits = model(x)
+                forward_nfe = model.fnfe
+                loss = F.cross_entropy(logits, y)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise Diverged("non_finite_loss", epoch, batch, f"loss = {loss_value}")
+                optimizer.zero_grad(set_to_none=True)
+                # The regularisers shape training only; train_loss stays comparable across runs.
+                (loss + model.regularisation()).backward()
+            optimizer.step()
+            loss_sum += loss_value * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            fnfe += forward_nfe
+            bnfe += model.bnfe
+            batches += 1
+            advance(len(y))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the training's queued kernels count as training time
     validation_start = time.perf_counter()
     with solver_failures(epoch, None), model.solving_with(models.SolverSettings.for_evaluation(config)):
-        validation = predict(model, data.val, config.batch_size)
+        validation = predict(model, data.val, config.batch_size, f"epoch {epoch} validation", per_epoch=True)
     if not math.isfinite(validation.loss):
         raise Diverged("non_finite_loss", epoch, None, f"validation loss = {validation.loss}")
     end = time.perf_counter()

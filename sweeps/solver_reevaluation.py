@@ -16,8 +16,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from odenet import tracking
+from odenet import progress, tracking
 from odenet.config import ODE_MODELS
+from odenet.evaluate import REEVALUATION_SOLVERS
 from odenet.run import load_logged_run
 from odenet.stats import mean_interval
 from odenet.summary import reevaluation_metrics
@@ -83,7 +84,12 @@ def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
     ray.init(runtime_env={"env_vars": worker_env()})
     task = ray.remote(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)(reevaluate_run)
-    tables = ray.get([task.remote(r.info.run_id, args.data_dir, args.test_subset) for r in runs])
+    pending = [task.remote(r.info.run_id, args.data_dir, args.test_subset) for r in runs]
+    tables = []
+    with progress.phase(f"re-evaluation with {len(REEVALUATION_SOLVERS)} solvers", len(runs), "runs") as advance:
+        for task_done in pending:  # in order, so the tables follow the runs
+            tables.append(ray.get(task_done))
+            advance(1)
     table = pd.concat(tables, ignore_index=True)
     print(table[["run_id", "model", "dataset", "solver", "accuracy", "fnfe", "failure_cause"]]
           .to_markdown(index=False, floatfmt=".4g"))

@@ -22,6 +22,8 @@ from ray import tune
 from odenet import envvars, sweep_record, tracking
 from odenet.config import ConfigError, RunConfig
 from odenet.failures import Diverged
+from odenet.progress import OFF as NO_PROGRESS
+from odenet.progress import check as check_output_settings
 from odenet.tracker import IDENTITY_TAG, MlflowTracker
 from odenet.report import SEARCH
 from odenet.run import execute
@@ -97,9 +99,10 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
 
 def worker_env() -> dict[str, str]:
     """The tracking, storage and data settings the driver sees, for every Ray worker: never
-    a credential (envvars.SECRETS), which workers take from their own environment."""
-    return {name: os.environ[name] for name in envvars.FOR_WORKERS
-            if os.environ.get(name) and name not in envvars.SECRETS}
+    a credential (envvars.SECRETS), which workers take from their own environment. No progress
+    output in workers: Tune's table, or the driver's bar, is the view."""
+    return {**{name: os.environ[name] for name in envvars.FOR_WORKERS
+               if os.environ.get(name) and name not in envvars.SECRETS}, envvars.PROGRESS: NO_PROGRESS}
 
 
 class CloseTrialRuns(tune.Callback):
@@ -394,6 +397,7 @@ def main(program: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     from odenet.data import DataError
 
     try:
+        check_output_settings()
         program(argv)
     except (SweepError, ConfigError, DataError, tracking.TrackingError, naming.SweepNameError,
             places.PlaceError) as exc:
