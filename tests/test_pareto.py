@@ -1,0 +1,114 @@
+"""The Pareto front and the one-at-a-time cells on planted trials whose answers are worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from odenet import objectives, pareto, pareto_plot
+
+ACC_NFE = {"val_acc": "max", "nfe": "min"}
+
+
+def planted() -> pd.DataFrame:
+    """Eight trials on (val_acc up, nfe down). By hand:
+    a (0.90, 20) and b (0.90, 20) tie on both: neither dominates the other, both on the front;
+    c (0.85, 20) has the same cost as a and less accuracy: dominated by a;
+    d (0.80, 10) is the cheapest finished trial: on the front;
+    e (0.80, 12) is dominated by d (same accuracy, more NFE);
+    f (0.95, 40) is the most accurate: on the front;
+    g (0.99, 5) diverged: better than all on paper, never on the front, and dominates no one;
+    h (0.97, NaN) finished without a cost: not comparable."""
+    return pd.DataFrame({
+        "trial": list("abcdefgh"),
+        "val_acc": [0.90, 0.90, 0.85, 0.80, 0.80, 0.95, 0.99, 0.97],
+        "nfe": [20, 20, 20, 10, 12, 40, 5, math.nan],
+        "status": ["FINISHED"] * 6 + ["FAILED", "FINISHED"],
+    })
+
+
+def test_the_front_keeps_ties_drops_equal_cost_losers_and_never_holds_a_diverged_trial():
+    trials = planted()
+    on = pareto.front(trials, ACC_NFE)
+    assert sorted(trials.loc[on, "trial"]) == ["a", "b", "d", "f"]
+
+
+def test_a_diverged_trial_on_the_front_would_have_hidden_the_others():
+    # The same trials with g counted as finished: g dominates every other one. The status rule is
+    # what keeps the front above from being just g.
+    trials = planted().assign(status="FINISHED")
+    assert list(trials.loc[pareto.front(trials, ACC_NFE), "trial"]) == ["g"]
+
+
+def test_a_single_trial_is_its_own_front():
+    one = pd.DataFrame({"val_acc": [0.5], "nfe": [30.0], "status": ["FINISHED"]})
+    assert pareto.front(one, ACC_NFE).tolist() == [True]
+
+
+def test_no_finished_trial_gives_an_empty_front():
+    none = pd.DataFrame({"val_acc": [0.5], "nfe": [30.0], "status": ["FAILED"]})
+    assert pareto.front(none, ACC_NFE).tolist() == [False]
+    assert pareto.front_table(none, ACC_NFE).empty
+
+
+def test_directions_count_a_cost_to_maximise_the_other_way():
+    # With nfe to be maximised (odd, but the rule must follow the direction) f (0.95, 40) is better on
+    # both than every other finished trial: it alone is the front.
+    trials = planted()
+    assert list(trials.loc[pareto.front(trials, {"val_acc": "max", "nfe": "max"}), "trial"]) == ["f"]
+
+
+def test_three_objectives_keep_a_trial_best_on_the_third():
+    trials = planted().assign(params=[100, 100, 100, 100, 50, 100, 10, 10])
+    on = pareto.front(trials, {**ACC_NFE, "params": "min"})
+    # e (0.80, 12, 50) is no longer dominated by d (0.80, 10, 100): it has fewer parameters.
+    assert sorted(trials.loc[on, "trial"]) == ["a", "b", "d", "e", "f"]
+
+
+def test_the_front_table_lists_the_front_best_accuracy_first():
+    table = pareto.front_table(planted(), ACC_NFE, columns=("trial",))
+    assert table["trial"].tolist() == ["f", "a", "b", "d"]
+    assert list(table.columns) == ["trial", "val_acc", "nfe"]
+
+
+def test_objectives_are_measured_from_a_runs_final_metrics():
+    final = {"val_acc": 0.9, "mean_fnfe": 26.0, "mean_bnfe": 40.0, "mean_epoch_time_s": 12.5, "params_total": 208266}
+    assert objectives.values(final) == {"val_acc": 0.9, "nfe": 66.0, "epoch_time": 12.5, "params": 208266.0}
+    assert math.isnan(objectives.values({"val_acc": 0.9}, ["nfe"])["nfe"])
+
+
+def test_each_cell_has_its_mean_accuracy_and_cost_with_t_intervals_over_seeds():
+    trials = pd.DataFrame({
+        "ablated_dimension": ["base"] * 3 + ["stride"] * 3 + ["norm"],
+        "ablated_value": ["base"] * 3 + ["1"] * 3 + ["none"],
+        "test_acc": [0.90, 0.91, 0.92, 0.88, 0.90, 0.86, 0.5],
+        "mean_epoch_time_s": [10.0, 12.0, 11.0, 20.0, 22.0, 24.0, 5.0],
+        "status": ["FINISHED"] * 5 + ["FAILED", "FINISHED"],  # one stride seed diverged
+    })
+    table = pareto.cells(trials, ["ablated_dimension", "ablated_value"], "test_acc", "mean_epoch_time_s")
+    assert table["ablated_dimension"].tolist() == ["base", "stride", "norm"]
+    assert table["n"].tolist() == [3, 2, 1]
+    # Independently: mean ± t(0.975, n-1) * s / sqrt(n).
+    for row, acc, cost in ((0, [0.90, 0.91, 0.92], [10.0, 12.0, 11.0]), (1, [0.88, 0.90], [20.0, 22.0])):
+        for column, x in (("test_acc", acc), ("mean_epoch_time_s", cost)):
+            half = stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x))
+            assert table.loc[row, column] == pytest.approx(np.mean(x))
+            assert table.loc[row, f"{column}_low"] == pytest.approx(np.mean(x) - half)
+            assert table.loc[row, f"{column}_high"] == pytest.approx(np.mean(x) + half)
+    assert math.isnan(table.loc[2, "test_acc_low"])  # one seed: no interval
+
+
+def test_the_figures_are_written(tmp_path):
+    trials = planted()
+    on = pareto.front(trials, ACC_NFE)
+    study = trials["trial"] == "a"
+    path = pareto_plot.front_figure(trials, on, "nfe", "val_acc", tmp_path / "front.png", study=study)
+    assert path.stat().st_size > 0
+    table = pd.DataFrame({"cell": ["base", "stride=1"], "n": [3, 1], "acc": [0.9, 0.88], "acc_low": [0.88, math.nan],
+                          "acc_high": [0.92, math.nan], "t": [10.0, 20.0], "t_low": [9.0, math.nan],
+                          "t_high": [11.0, math.nan]})
+    assert pareto_plot.cells_figure(table, "cell", "t", "acc", tmp_path / "cells.png").stat().st_size > 0
