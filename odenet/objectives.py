@@ -23,8 +23,8 @@ class ObjectiveError(ValueError):
 @dataclass(frozen=True)
 class Measure:
     description: str
-    every_epoch: bool  # reported with every epoch (so a scheduler like ASHA can act on it)
     of: Callable[[Mapping[str, float]], float]
+    high: float = math.inf  # the largest value it can take (every measure here is >= 0)
 
 
 def _metric(name: str) -> Callable[[Mapping[str, float]], float]:
@@ -36,18 +36,18 @@ def _metric(name: str) -> Callable[[Mapping[str, float]], float]:
 MEASURES: dict[str, Measure] = {
     "val_acc": Measure(
         "validation accuracy of the last epoch the trial reported (what the HyperOpt search maximises)",
-        True, _metric("val_acc")),
+        _metric("val_acc"), high=1.0),
     "nfe": Measure(
         "function evaluations of f per training batch, forward plus backward (mean FNFE + mean BNFE over "
         "the epochs): every image of a batch passes through f that many times, and an adaptive solver's "
         "count grows with the batch size, so compare runs at one batch_size",
-        False, lambda m: float(m.get("mean_fnfe", math.nan)) + float(m.get("mean_bnfe", math.nan))),
+        lambda m: float(m.get("mean_fnfe", math.nan)) + float(m.get("mean_bnfe", math.nan))),
     "epoch_time": Measure(
         "seconds per epoch, training plus validation, on the trial's device (mean epoch_time_s)",
-        False, _metric("mean_epoch_time_s")),
+        _metric("mean_epoch_time_s")),
     "params": Measure(
         "trainable parameters of the model (params_total: every parameter of these models trains)",
-        False, _metric("params_total")),
+        _metric("params_total")),
 }
 
 
@@ -60,14 +60,11 @@ class Objective:
         return f"{self.name}:{self.direction}"
 
     @property
-    def every_epoch(self) -> bool:
-        return MEASURES[self.name].every_epoch
-
-    @property
     def worst(self) -> float:
-        """The value a trial that failed reports: worse than any result (Optuna takes infinities,
-        not NaN), so a diverged trial is dominated by every finished one."""
-        return -math.inf if self.direction == MAX else math.inf
+        """The value a trial that failed reports, so that every finished trial dominates it: 0 for a
+        measure to maximise (as the HyperOpt search's diverged val_acc today), its highest value
+        for one to minimise (infinity for a cost: Optuna takes infinities, not NaN)."""
+        return 0.0 if self.direction == MAX else MEASURES[self.name].high
 
 
 def parse(text: str) -> list[Objective]:
