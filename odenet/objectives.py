@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import pandas as pd
+
 MAX, MIN = "max", "min"
 DIRECTIONS = (MAX, MIN)
 
@@ -91,3 +93,9 @@ def parse(text: str) -> list[Objective]:
 def values(metrics: Mapping[str, float], names: Sequence[str] = tuple(MEASURES)) -> dict[str, float]:
     """The objectives `names` measured from a finished run's final metrics (NaN where one is missing)."""
     return {name: MEASURES[name].of(metrics) for name in names}
+
+
+def measured(runs: pd.DataFrame, names: Sequence[str] = tuple(MEASURES)) -> pd.DataFrame:
+    """`runs` (one row per run, a column per final metric, as odenet.report.load_runs gives them)
+    with a column per objective, measured as `values` measures one run."""
+    return runs.assign(**{name: [MEASURES[name].of(row) for row in runs.to_dict("records")] for name in names})

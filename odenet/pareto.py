@@ -18,11 +18,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from odenet.objectives import MAX
+from odenet.objectives import MAX, MIN
 from odenet.stats import mean_interval
 
-ON_FRONT = "on_front"
 FINISHED = "FINISHED"
+# The fronts a search whose parent run names no objectives (a HyperOpt search) is shown on.
+ACCURACY_AGAINST_COST = ({"val_acc": MAX, "nfe": MIN}, {"val_acc": MAX, "epoch_time": MIN})
 
 
 def comparable(trials: pd.DataFrame, objectives: Mapping[str, str], status: str = "status") -> pd.Series:
@@ -75,3 +76,16 @@ def cells(trials: pd.DataFrame, by: Sequence[str], accuracy: str, cost: str, sta
                      cost: spent.mean, f"{cost}_low": spent.low, f"{cost}_high": spent.high})
     return pd.DataFrame(rows, columns=[*by, "n", accuracy, f"{accuracy}_low", f"{accuracy}_high",
                                        cost, f"{cost}_low", f"{cost}_high"])
+
+
+def matches(trials: pd.DataFrame, points: Sequence[Mapping[str, object]]) -> pd.Series:
+    """True for each trial whose settings equal one of `points` on every setting the point names
+    (the study's own settings, say); logged params are text, so numbers compare as numbers."""
+    def same(logged, value) -> bool:
+        try:
+            return float(logged) == float(value)
+        except (TypeError, ValueError):
+            return str(logged) == str(value)
+
+    return pd.Series([any(all(name in row and same(row[name], value) for name, value in point.items())
+                          for point in points) for row in trials.to_dict("records")], index=trials.index, dtype=bool)

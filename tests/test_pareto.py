@@ -79,6 +79,17 @@ def test_objectives_are_measured_from_a_runs_final_metrics():
     final = {"val_acc": 0.9, "mean_fnfe": 26.0, "mean_bnfe": 40.0, "mean_epoch_time_s": 12.5, "params_total": 208266}
     assert objectives.values(final) == {"val_acc": 0.9, "nfe": 66.0, "epoch_time": 12.5, "params": 208266.0}
     assert math.isnan(objectives.values({"val_acc": 0.9}, ["nfe"])["nfe"])
+    runs = objectives.measured(pd.DataFrame([final, {**final, "mean_bnfe": math.nan}]), ["nfe", "params"])
+    assert runs["nfe"].tolist()[0] == 66.0 and math.isnan(runs["nfe"].tolist()[1])
+    assert runs["params"].tolist() == [208266.0, 208266.0]
+
+
+def test_the_study_setting_is_found_among_logged_params():
+    logged = pd.DataFrame({"stride": ["2", "1", "2"], "norm": ["groupnorm", "groupnorm", "none"],
+                           "lr": ["0.001", "0.001", "0.001"]})
+    study = [{"stride": 2, "norm": "groupnorm", "lr": 1e-3}]
+    assert pareto.matches(logged, study).tolist() == [True, False, False]
+    assert pareto.matches(logged, []).tolist() == [False, False, False]
 
 
 def test_each_cell_has_its_mean_accuracy_and_cost_with_t_intervals_over_seeds():
