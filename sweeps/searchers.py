@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from odenet import tracking
 from odenet.config import FIXED_STEP_SOLVERS
@@ -136,24 +136,26 @@ def conditional(point: dict[str, Any], base_solver: str) -> dict[str, Any]:
     return {k: v for k, v in point.items() if k != STEP_SIZE or uses_step_size(point, base_solver)}
 
 
-def space_function(space: dict[str, Dimension], base_solver: str) -> Callable:
-    """Optuna's define-by-run space: every dimension, step_size last and only for fixed-step solvers."""
-    from optuna.distributions import CategoricalDistribution
+class ConditionalSpace:
+    """Optuna's define-by-run space: every dimension, step_size last and only for fixed-step
+    solvers. A class, not a closure, so Tune can pickle the searcher into its checkpoints."""
 
-    shapes = distributions(space)
+    def __init__(self, space: dict[str, Dimension], base_solver: str):
+        self.shapes = distributions(space)
+        self.base_solver = base_solver
 
-    def define(trial) -> None:
+    def __call__(self, trial) -> None:
+        from optuna.distributions import CategoricalDistribution
+
         point: dict[str, Any] = {}
-        for name in sorted(shapes, key=lambda n: n == STEP_SIZE):  # the solver is known before its step
-            if name == STEP_SIZE and not uses_step_size(point, base_solver):
+        for name in sorted(self.shapes, key=lambda n: n == STEP_SIZE):  # the solver is known before its step
+            if name == STEP_SIZE and not uses_step_size(point, self.base_solver):
                 continue
-            shape = shapes[name]
+            shape = self.shapes[name]
             if isinstance(shape, CategoricalDistribution):
                 point[name] = trial.suggest_categorical(name, shape.choices)
             else:
                 point[name] = trial.suggest_float(name, shape.low, shape.high, log=shape.log)
-
-    return define
 
 
 # -- a warm start from an earlier sweep ---------------------------------------------------------------
@@ -231,7 +233,7 @@ def searcher(chosen: Plan, space: dict[str, Dimension], base_solver: str, seed: 
     study.add_trials(list(warm))
     known = [trial.params for trial in warm]
     fresh = [p for p in (conditional(point, base_solver) for point in points) if p not in known]
-    return OptunaSearch(space_function(space, base_solver), metric=chosen.metric, mode=chosen.mode,
+    return OptunaSearch(ConditionalSpace(space, base_solver), metric=chosen.metric, mode=chosen.mode,
                         points_to_evaluate=fresh or None, sampler=optuna.samplers.TPESampler(seed=seed),
                         study_name=STUDY_NAME, storage=storage)
 

@@ -99,6 +99,17 @@ def test_optuna_samples_step_size_only_for_fixed_step_solvers():
     assert [t.number for t in searcher._ot_study.best_trials] == [0]
 
 
+def test_the_searcher_survives_tunes_checkpoint(tmp_path):
+    searcher = searchers.searcher(TWO, SPACE, "dopri5", seed=0)
+    first = searcher.suggest("a")
+    searcher.on_trial_complete("a", {"val_acc": 0.8, "nfe": 26.0})
+    searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune does with a sweep's searcher state
+    restored = searchers.searcher(TWO, SPACE, "dopri5", seed=0)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert [(t.params, t.values) for t in restored._ot_study.trials] == [(first, [0.8, 26.0])]
+    assert set(restored.suggest("b")) >= {"solver", "lr"}
+
+
 def test_a_base_solver_with_fixed_steps_samples_step_size_when_the_solver_is_not_searched():
     space = {k: v for k, v in SPACE.items() if k != "solver"}
     fixed = searchers.searcher(TWO, space, "euler", seed=1)
