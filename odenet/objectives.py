@@ -95,6 +95,15 @@ def values(metrics: Mapping[str, float], names: Sequence[str] = tuple(MEASURES))
     return {name: MEASURES[name].of(metrics) for name in names}
 
 
+def so_far(history: Sequence[Mapping[str, float]], params_total: int) -> dict[str, float]:
+    """Every objective after the epochs in `history` (EpochMetrics dicts): what a trial reports with
+    each epoch, since Tune requires the searcher's metrics in every report. After the last epoch
+    it equals `values` of the run's final metrics."""
+    from odenet.summary import summarize
+
+    return values({**history[-1], **summarize(history), "params_total": params_total})
+
+
 def measured(runs: pd.DataFrame, names: Sequence[str] = tuple(MEASURES)) -> pd.DataFrame:
     """`runs` (one row per run, a column per final metric, as odenet.report.load_runs gives them)
     with a column per objective, measured as `values` measures one run."""

@@ -84,6 +84,14 @@ def test_objectives_are_measured_from_a_runs_final_metrics():
     assert runs["params"].tolist() == [208266.0, 208266.0]
 
 
+def test_a_trial_reports_its_objectives_so_far_with_every_epoch():
+    history = [{"epoch": 1, "val_loss": 0.5, "val_acc": 0.80, "fnfe": 20.0, "bnfe": 30.0, "epoch_time_s": 10.0},
+               {"epoch": 2, "val_loss": 0.6, "val_acc": 0.78, "fnfe": 26.0, "bnfe": 40.0, "epoch_time_s": 14.0}]
+    assert objectives.so_far(history[:1], 1000) == {"val_acc": 0.80, "nfe": 50.0, "epoch_time": 10.0, "params": 1000}
+    # the last epoch's accuracy (as Tune's searchers see it), the mean costs over both epochs
+    assert objectives.so_far(history, 1000) == {"val_acc": 0.78, "nfe": 58.0, "epoch_time": 12.0, "params": 1000}
+
+
 def test_the_study_setting_is_found_among_logged_params():
     logged = pd.DataFrame({"stride": ["2", "1", "2"], "norm": ["groupnorm", "groupnorm", "none"],
                            "lr": ["0.001", "0.001", "0.001"]})
