@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from odenet import objectives, pareto, pareto_plot
+from odenet import objectives, pareto, pareto_plot, tradeoffs
 
 ACC_NFE = {"val_acc": "max", "nfe": "min"}
 
@@ -131,3 +131,67 @@ def test_the_figures_are_written(tmp_path):
                           "acc_high": [0.92, math.nan], "t": [10.0, 20.0], "t_low": [9.0, math.nan],
                           "t_high": [11.0, math.nan]})
     assert pareto_plot.cells_figure(table, "cell", "t", "acc", tmp_path / "cells.png").stat().st_size > 0
+
+
+# -- the report's sections, from runs shaped as odenet.report.load_runs gives them --------------------
+
+
+def logged_search() -> pd.DataFrame:
+    """Five trials. NFE = fnfe + bnfe: r1 40, r2 60, r3 60, r4 20 (diverged), r5 80.
+    val_acc against nfe, by hand: r1 (0.85, 40) and r5 (0.92, 80) on the front; r2 (0.80, 60) and
+    r3 (0.84, 60) dominated by r1; r4 diverged.
+    val_acc against epoch_time (r1 30, r2 10, r3 20, r5 40): each faster trial is less accurate, so r5,
+    r1, r3 and r2 are all non-dominated."""
+    return pd.DataFrame({
+        "run_id": ["r1", "r2", "r3", "r4", "r5"],
+        "status": ["FINISHED", "FINISHED", "FINISHED", "FAILED", "FINISHED"],
+        "stride": ["2", "1", "2", "1", "1"],
+        "norm": ["groupnorm"] * 5,
+        "val_acc": [0.85, 0.80, 0.84, 0.0, 0.92],
+        "mean_fnfe": [16.0, 24.0, 24.0, 8.0, 32.0],
+        "mean_bnfe": [24.0, 36.0, 36.0, 12.0, 48.0],
+        "mean_epoch_time_s": [30.0, 10.0, 20.0, 5.0, 40.0],
+        "params_total": [84_000.0] * 5,
+    })
+
+
+def test_a_hyperopt_search_is_shown_on_accuracy_against_nfe_and_against_epoch_time(tmp_path):
+    section = tradeoffs.search_front(logged_search(), tmp_path, settings=["stride"],
+                                     study_points=[{"stride": 2, "norm": "groupnorm"}])
+    nfe, time = section.tables["pareto_val_acc_nfe"], section.tables["pareto_val_acc_epoch_time"]
+    assert nfe["run_id"].tolist() == ["r5", "r1"]
+    assert nfe["nfe"].tolist() == [80.0, 40.0]
+    assert nfe["study_setting"].tolist() == [False, True]
+    assert time["run_id"].tolist() == ["r5", "r1", "r3", "r2"]
+    assert "4 of 5 trials finished with every objective measured" in section.markdown
+    assert [p.name for p in section.figures] == ["pareto_val_acc_nfe_nfe.png", "pareto_val_acc_epoch_time_epoch_time.png"]
+    assert all(p.stat().st_size > 0 for p in section.figures)
+
+
+def test_a_search_on_its_own_objectives_has_one_front(tmp_path):
+    section = tradeoffs.search_front(logged_search(), tmp_path, settings=["stride"],
+                                     sweep_objectives={"val_acc": "max", "nfe": "min", "epoch_time": "min"})
+    assert list(section.tables) == ["pareto_val_acc_nfe_epoch_time"]
+    # r2 (0.80, 60, 10) is now the fastest: non-dominated; r3 (0.84, 60, 20) is beaten by r1 on nfe only,
+    # by r2 on time only: no one is as good on all three, so it stays too.
+    assert section.tables["pareto_val_acc_nfe_epoch_time"]["run_id"].tolist() == ["r5", "r1", "r3", "r2"]
+    assert len(section.figures) == 2
+
+
+def test_one_at_a_time_cells_are_shown_against_each_cost(tmp_path):
+    runs = pd.DataFrame({
+        "status": ["FINISHED"] * 4,
+        "ablated_dimension": ["base", "base", "stride", "stride"],
+        "ablated_value": ["base", "base", "1", "1"],
+        "test_acc": [0.90, 0.92, 0.88, 0.89],
+        "mean_fnfe": [20.0, 22.0, 30.0, 34.0],
+        "mean_bnfe": [30.0, 32.0, 40.0, 44.0],
+        "mean_epoch_time_s": [10.0, 11.0, 20.0, 21.0],
+    })
+    section = tradeoffs.one_at_a_time_cells(runs, tmp_path)
+    nfe = section.tables["cells_test_acc_nfe"]
+    assert nfe["cell"].tolist() == ["base=base", "stride=1"]
+    assert nfe["nfe"].tolist() == [52.0, 74.0]
+    assert nfe["n"].tolist() == [2, 2]
+    assert section.tables["cells_test_acc_epoch_time"]["epoch_time"].tolist() == [10.5, 20.5]
+    assert len(section.figures) == 2 and "95% t-interval" in section.markdown
