@@ -53,8 +53,9 @@ def search_front(runs: pd.DataFrame, out: Path, settings: Sequence[str], study_p
                   f"{len(table)} trial(s)", table.drop(columns=["run_id"]).to_markdown(index=False, floatfmt=".4g")]
         first, *others = front
         for other in others:
-            section.figures.append(pareto_plot.front_figure(runs, on, other, first, out / f"pareto_{label}_{other}.png",
-                                                            study=study))
+            # one figure per pair: the default fronts share no pair, a sweep's own objectives are one front
+            section.figures.append(pareto_plot.front_figure(runs, on, other, first,
+                                                            out / f"pareto_{first}_against_{other}.png", study=study))
     section.markdown = "\n\n".join(lines)
     return section
 

@@ -164,7 +164,8 @@ def test_a_hyperopt_search_is_shown_on_accuracy_against_nfe_and_against_epoch_ti
     assert nfe["study_setting"].tolist() == [False, True]
     assert time["run_id"].tolist() == ["r5", "r1", "r3", "r2"]
     assert "4 of 5 trials finished with every objective measured" in section.markdown
-    assert [p.name for p in section.figures] == ["pareto_val_acc_nfe_nfe.png", "pareto_val_acc_epoch_time_epoch_time.png"]
+    assert [p.name for p in section.figures] == ["pareto_val_acc_against_nfe.png",
+                                                 "pareto_val_acc_against_epoch_time.png"]
     assert all(p.stat().st_size > 0 for p in section.figures)
 
 
