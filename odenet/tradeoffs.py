@@ -64,7 +64,8 @@ def one_at_a_time_cells(runs: pd.DataFrame, out: Path) -> Section:
     """Each cell's mean test accuracy and mean cost over its finished seeds, with t-intervals, on the
     same axes: what a setting costs and saves, read off with its uncertainty."""
     runs = objectives.measured(runs, list(CELL_COSTS)).assign(
-        cell=lambda r: r["ablated_dimension"] + "=" + r["ablated_value"].astype(str))
+        cell=lambda r: r["ablated_dimension"].where(r["ablated_dimension"] == r["ablated_value"],
+                                                    r["ablated_dimension"] + "=" + r["ablated_value"].astype(str)))
     level = f"{CONFIDENCE:.0%}"
     lines = ["## Accuracy against cost, per cell",
              f"Each cell: mean over its finished seeds (n) and the {level} t-interval, of test accuracy and of each "

@@ -191,7 +191,7 @@ def test_one_at_a_time_cells_are_shown_against_each_cost(tmp_path):
     })
     section = tradeoffs.one_at_a_time_cells(runs, tmp_path)
     nfe = section.tables["cells_test_acc_nfe"]
-    assert nfe["cell"].tolist() == ["base=base", "stride=1"]
+    assert nfe["cell"].tolist() == ["base", "stride=1"]
     assert nfe["nfe"].tolist() == [52.0, 74.0]
     assert nfe["n"].tolist() == [2, 2]
     assert section.tables["cells_test_acc_epoch_time"]["epoch_time"].tolist() == [10.5, 20.5]
