@@ -225,7 +225,9 @@ def searcher(chosen: Plan, space: dict[str, Dimension], base_solver: str, seed: 
     from ray.tune.search.optuna import OptunaSearch
 
     # Ray's evaluated_rewards cannot take a define-by-run space nor several objectives: the
-    # earlier trials go into the study itself, which OptunaSearch then loads by name.
+    # earlier trials go into the study itself, which OptunaSearch then loads by name (quietly:
+    # Optuna's "using an existing study" line would read like a resumed sweep).
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
                                 directions=["maximize" if o.direction == MAX else "minimize"
