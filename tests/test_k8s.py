@@ -565,12 +565,20 @@ def created_secrets() -> dict[str, set[str]]:
     """Secret name -> keys, from the `kubectl create secret generic` commands."""
     text = re.sub(r"\\\n", " ", SECRETS_SCRIPT.read_text())
     secrets = {}
+    loop = None
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
             continue
-        match = re.search(r"create secret generic ([\w.-]+)(.*)", line)
+        if found := re.search(r"\bfor (\w+) in ([\w -]+); do", line):
+            loop = (found.group(1), found.group(2).split())
+        elif line.strip() == "done":
+            loop = None
+        match = re.search(r'create secret generic "?([\w.$-]+)"?(.*)', line)
         if match:
-            secrets[match.group(1)] = set(re.findall(r"--from-literal=(\w+)=", match.group(2)))
+            keys = set(re.findall(r"--from-literal=(\w+)=", match.group(2)))
+            # A loop's commands (`for workload in ray mlflow; do ... "s3-$workload"`) create one per value.
+            names = [match.group(1).replace(f"${loop[0]}", value) for value in loop[1]] if loop else [match.group(1)]
+            secrets.update(dict.fromkeys(names, keys))
     return secrets
 
 
