@@ -15,6 +15,7 @@ constraints, pyproject.toml and the variables the code reads. checkov, yamllint 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -1052,23 +1053,32 @@ def selects(selector: dict | None, labels: dict) -> bool:
     return True
 
 
-def peer_matches(peer: dict, source: dict, policy_namespace: str) -> bool:
+def peer_matches(peer: dict, other: dict, policy_namespace: str) -> bool:
+    """Whether a policy rule's peer (from/to) is `other`: a pod, or an address outside."""
     if "ipBlock" in peer:
+        if "ip" not in other:
+            return False
+        address = ipaddress.ip_address(other["ip"])
+        block = peer["ipBlock"]
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(cidr) for cidr in block.get("except", [])
+        )
+    if "namespace" not in other:
         return False
     if "namespaceSelector" in peer:
-        if not selects(peer["namespaceSelector"], source["namespace_labels"]):
+        if not selects(peer["namespaceSelector"], other["namespace_labels"]):
             return False
-    elif source["namespace"] != policy_namespace:
+    elif other["namespace"] != policy_namespace:
         return False
-    return "podSelector" not in peer or selects(peer["podSelector"], source["labels"])
+    return "podSelector" not in peer or selects(peer["podSelector"], other["labels"])
 
 
-def port_matches(rule_ports: list | None, port: int, target: dict) -> bool:
+def port_matches(rule_ports: list | None, port: int, target: dict, protocol: str = "TCP") -> bool:
     if not rule_ports:
         return True
     named = {p["name"]: p["containerPort"] for c in target["containers"] for p in c.get("ports", []) if "name" in p}
     for rule_port in rule_ports:
-        if rule_port.get("protocol", "TCP") != "TCP":
+        if rule_port.get("protocol", "TCP") != protocol:
             continue
         wanted = rule_port.get("port")
         if wanted is None:
@@ -1079,22 +1089,32 @@ def port_matches(rule_ports: list | None, port: int, target: dict) -> bool:
     return False
 
 
-def can_connect(source: dict, target: dict, port: int) -> bool:
-    """Whether the NetworkPolicies of k8s/ let `source` open a TCP connection to
-    `target` on `port` (ingress side; egress is not restricted)."""
+def allows(direction: str, pod: dict, other: dict, port: int, target: dict, protocol: str = "TCP") -> bool:
+    """Whether the NetworkPolicies of k8s/ let `pod` send to `other` (direction Egress) or
+    receive from it (Ingress), on `port` of `target`. Pods of other namespaces, and
+    addresses outside the cluster, are not restricted by them."""
+    if pod.get("namespace") != NAMESPACE:
+        return True
+    peers = "to" if direction == "Egress" else "from"
     policies = [
         policy for policy in objects("NetworkPolicy")
-        if selects(policy["spec"]["podSelector"], target["labels"])
-        and "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        if selects(policy["spec"]["podSelector"], pod["labels"])
+        and direction in policy["spec"].get("policyTypes", ["Ingress"])
     ]
     if not policies:
         return True
     return any(
-        (not rule.get("from") or any(peer_matches(p, source, policy["metadata"]["namespace"]) for p in rule["from"]))
-        and port_matches(rule.get("ports"), port, target)
+        (not rule.get(peers) or any(peer_matches(p, other, policy["metadata"]["namespace"]) for p in rule[peers]))
+        and port_matches(rule.get("ports"), port, target, protocol)
         for policy in policies
-        for rule in policy["spec"].get("ingress", []) or []
+        for rule in policy["spec"].get(direction.lower(), []) or []
     )
+
+
+def can_connect(source: dict, target: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether `source` may open a connection to `target` on `port`: out of the one, into the other."""
+    return allows("Egress", source, target, port, target, protocol) and allows("Ingress", target, source, port, target,
+                                                                              protocol)
 
 
 def in_namespace(role: str) -> dict:
@@ -1111,17 +1131,34 @@ def outsider(name: str, namespace: str, labels: dict) -> dict:
     )
 
 
+def address(name: str, ip: str) -> dict:
+    """Something outside the pod network, known by its address."""
+    return dict(role=name, labels={}, containers=[], ip=ip)
+
+
+#: The operator as its Helm chart labels it, and as its own manifests (kustomize) do.
 KUBERAY_OPERATOR = outsider(
-    "kuberay-operator", KUBERAY_OPERATOR_NAMESPACE, {"app.kubernetes.io/name": "kuberay-operator"}
+    "kuberay-operator", KUBERAY_OPERATOR_NAMESPACE,
+    {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/component": "kuberay-operator"},
+)
+KUBERAY_OPERATOR_KUSTOMIZE = outsider(
+    "kuberay-operator-kustomize", KUBERAY_OPERATOR_NAMESPACE,
+    {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
 )
 # A pod elsewhere that copies the labels of the pods allowed in.
 IMPOSTOR = outsider(
     "impostor", "default",
-    {"ray.io/cluster": RAY_CLUSTER, "app.kubernetes.io/name": "ray-job-submitter", "ray.io/node-type": "head"},
+    {"ray.io/cluster": RAY_CLUSTER, "ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "ray-job-submitter",
+     "ray.io/node-type": "head", "app.kubernetes.io/part-of": "odenet"},
 )
 
 # A pod that calls itself the operator, in a namespace that is not the operator's.
-FAKE_OPERATOR = outsider("fake-operator", "default", {"app.kubernetes.io/name": "kuberay-operator"})
+FAKE_OPERATOR = outsider("fake-operator", "default", {"app.kubernetes.io/component": "kuberay-operator"})
+
+KUBE_DNS = outsider("kube-dns", "kube-system", {"k8s-app": "kube-dns"})
+# The API server's endpoints on EKS are in the VPC (infra/terraform's vpc_cidr).
+API_SERVER = address("api-server", "10.42.0.10")
+INTERNET = address("internet", "203.0.113.7")
 
 ANY_PORT = 45678  # a Ray worker process listens on a port chosen at start
 
@@ -1132,12 +1169,15 @@ TRAFFIC = [
     ("postgres-restore", "postgres", 5432, True),
     ("ray-head", "postgres", 5432, False),
     ("ray-worker", "postgres", 5432, False),
+    ("rayjob-worker", "postgres", 5432, False),
     ("ray-job-submitter", "postgres", 5432, False),
     ("seaweedfs", "postgres", 5432, False),
     ("seaweedfs-setup", "postgres", 5432, False),
     ("mlflow", "seaweedfs", 8333, True),
     ("ray-head", "seaweedfs", 8333, True),
     ("ray-worker", "seaweedfs", 8333, True),
+    ("rayjob-head", "seaweedfs", 8333, True),
+    ("rayjob-worker", "seaweedfs", 8333, True),
     ("seaweedfs-setup", "seaweedfs", 8333, True),
     ("postgres-backup", "seaweedfs", 8333, True),
     ("postgres-restore", "seaweedfs", 8333, True),
@@ -1149,8 +1189,11 @@ TRAFFIC = [
     ("mlflow", "seaweedfs", 8888, False),
     ("ray-head", "mlflow", 5000, True),
     ("ray-worker", "mlflow", 5000, True),
-    ("ray-job-submitter", "mlflow", 5000, True),
+    ("rayjob-head", "mlflow", 5000, True),
+    ("rayjob-worker", "mlflow", 5000, True),
     ("mlflow-setup", "mlflow", 5000, True),
+    # The submitter only submits: the head waits for MLflow before it is ready.
+    ("ray-job-submitter", "mlflow", 5000, False),
     ("postgres", "mlflow", 5000, False),
     ("seaweedfs", "mlflow", 5000, False),
     ("seaweedfs-setup", "mlflow", 5000, False),
@@ -1159,16 +1202,21 @@ TRAFFIC = [
     ("ray-worker", "ray-head", ANY_PORT, True),
     ("ray-head", "ray-worker", ANY_PORT, True),
     ("ray-worker", "ray-worker", ANY_PORT, True),
+    ("rayjob-worker", "rayjob-head", 6379, True),
+    ("rayjob-head", "rayjob-worker", ANY_PORT, True),
     ("ray-job-submitter", "ray-head", 8265, True),
-    ("ray-job-submitter", "ray-head", 6379, False),
+    ("ray-job-submitter", "rayjob-head", 8265, True),
+    ("ray-job-submitter", "rayjob-head", 6379, False),
     ("mlflow", "ray-head", 8265, False),
     ("mlflow", "ray-worker", ANY_PORT, False),
     (KUBERAY_OPERATOR, "ray-head", 8265, True),
+    (KUBERAY_OPERATOR, "rayjob-head", 8265, True),
+    (KUBERAY_OPERATOR_KUSTOMIZE, "rayjob-head", 8265, True),
     (KUBERAY_OPERATOR, "ray-head", 6379, False),
     (KUBERAY_OPERATOR, "mlflow", 5000, False),
     (FAKE_OPERATOR, "ray-head", 8265, False),
     (IMPOSTOR, "ray-head", 8265, False),
-    (IMPOSTOR, "ray-head", 6379, False),
+    (IMPOSTOR, "rayjob-head", 6379, False),
     (IMPOSTOR, "mlflow", 5000, False),
     (IMPOSTOR, "seaweedfs", 8333, False),
     (IMPOSTOR, "postgres", 5432, False),
@@ -1181,18 +1229,69 @@ TRAFFIC = [
 )
 def test_network_policies_allow_exactly_the_traffic_the_sweep_needs(source, target, port, allowed):
     source_pod = in_namespace(source) if isinstance(source, str) else source
-    assert can_connect(source_pod, the_pod(target), port) is allowed
+    assert can_connect(source_pod, in_namespace(target), port) is allowed
 
 
-def test_every_pod_is_closed_to_ingress_by_default():
+#: Where each workload's pods may send (besides DNS, which every pod may ask): exactly
+#: these of DESTINATIONS, and nothing else. A pod that no policy lets out can still
+#: be reached (ingress) by those that need it.
+RAY_PEERS = {(role, port) for role in ("ray-head", "ray-worker", "rayjob-head", "rayjob-worker")
+             for port in (6379, 8265, ANY_PORT)}
+NEEDED_EGRESS = {
+    "postgres": set(),
+    "seaweedfs": set(),
+    "mlflow": {("postgres", 5432), ("seaweedfs", 8333)},
+    "postgres-backup": {("postgres", 5432), ("seaweedfs", 8333)},
+    "postgres-restore": {("postgres", 5432), ("seaweedfs", 8333)},
+    "seaweedfs-setup": {("seaweedfs", 8333)},
+    "mlflow-setup": {("mlflow", 5000)},
+    "ray-head": {("mlflow", 5000), ("seaweedfs", 8333), ("api-server", 443), *RAY_PEERS},
+    "ray-worker": {("mlflow", 5000), ("seaweedfs", 8333), *RAY_PEERS},
+    "rayjob-head": {("mlflow", 5000), ("seaweedfs", 8333), ("api-server", 443), *RAY_PEERS},
+    "rayjob-worker": {("mlflow", 5000), ("seaweedfs", 8333), *RAY_PEERS},
+    "ray-job-submitter": {("ray-head", 8265), ("rayjob-head", 8265)},
+}
+DESTINATIONS = [
+    *((role, port) for role in ("postgres", "seaweedfs", "mlflow") for port in (5432, 8333, 5000, 9333)),
+    *RAY_PEERS, ("api-server", 443), ("internet", 443), ("internet", 80), ("kube-dns", 53),
+]
+OUTSIDE = {"api-server": API_SERVER, "internet": INTERNET, "kube-dns": KUBE_DNS}
+
+
+def destination(role: str) -> dict:
+    return OUTSIDE.get(role) or in_namespace(role)
+
+
+@pytest.mark.parametrize("role", sorted(NEEDED_EGRESS))
+def test_each_workload_may_send_exactly_where_it_needs(role):
+    source = in_namespace(role)
+    sent = {(name, port) for name, port in DESTINATIONS
+            if allows("Egress", source, destination(name), port, destination(name))}
+    assert sent == NEEDED_EGRESS[role] | {("kube-dns", 53)}
+    # Names resolve over UDP as well.
+    assert allows("Egress", source, KUBE_DNS, 53, KUBE_DNS, "UDP")
+    assert not allows("Egress", source, INTERNET, 53, INTERNET, "UDP")
+
+
+def test_every_workload_is_in_the_egress_table_and_closed_both_ways_by_default():
+    assert {pod["role"] for pod in pods()} == set(NEEDED_EGRESS)
     for pod in pods():
-        assert any(
-            selects(policy["spec"]["podSelector"], pod["labels"])
-            and "Ingress" in policy["spec"].get("policyTypes", [])
-            for policy in objects("NetworkPolicy")
-        ), pod["role"]
-    default = [p for p in objects("NetworkPolicy") if p["spec"]["podSelector"] == {}]
-    assert default and not any(p["spec"].get("ingress") for p in default)
+        for direction in ("Ingress", "Egress"):
+            assert any(
+                selects(policy["spec"]["podSelector"], pod["labels"])
+                and direction in policy["spec"].get("policyTypes", [])
+                for policy in objects("NetworkPolicy")
+            ), (pod["role"], direction)
+    default = [p for p in objects("NetworkPolicy") if p["spec"]["podSelector"] == {}
+               and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert default and set(default[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_the_api_server_rule_names_the_vpc_of_terraform():
+    match = re.search(r'variable "vpc_cidr".*?default\s*=\s*"([\d./]+)"', (TERRAFORM / "variables.tf").read_text(), re.S)
+    blocks = [peer["ipBlock"]["cidr"] for policy in objects("NetworkPolicy")
+              for rule in policy["spec"].get("egress", []) for peer in rule.get("to", []) if "ipBlock" in peer]
+    assert match and blocks == [match.group(1)]
 
 
 def test_dashboard_exception_names_the_operator_namespace_terraform_uses():
