@@ -1303,20 +1303,76 @@ def test_dashboard_exception_names_the_operator_namespace_terraform_uses():
     assert KUBERAY_OPERATOR_NAMESPACE in (K8S / "10-network-policies.yaml").read_text()
 
 
-def test_terraform_grants_the_bucket_to_the_service_accounts_of_k8s():
-    text = (TERRAFORM / "irsa.tf").read_text()
-    accounts = set(re.findall(r"system:serviceaccount:\$\{var\.kubernetes_namespace\}:([\w-]+)", text))
-    assert accounts == {"ray-head", "ray-worker", "mlflow", "postgres-backup"}
-    for account in accounts:
-        the("ServiceAccount", account)
-    # The backups' role owns the prefix the backup Job writes and the restore reads.
-    backup_uris = {env_value(role, "BACKUP_URI") for role in ("postgres-backup", "postgres-restore")}
-    [prefix] = {urlsplit(uri).path.strip("/") for uri in backup_uris}
-    assert re.search(rf'postgres-backup\s*=\s*"{prefix}"', text)
+def terraform_map(text: str, name: str) -> str:
+    """The body of `name = { ... }` in a Terraform text (balanced braces)."""
+    start = re.search(rf"\b{re.escape(name)}\s*=\s*\{{", text).end()
+    depth, at = 1, start
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[at], 0)
+        at += 1
+    return text[start:at - 1]
+
+
+def terraform_identities() -> dict[str, dict[str, set[str]]]:
+    """identity -> service_accounts, own_prefixes, add_only of irsa.tf's workload_identities."""
+    body = terraform_map((TERRAFORM / "irsa.tf").read_text(), "workload_identities")
+    found = {}
+    for name, fields in re.findall(r"^    ([\w-]+) = \{(.*?)^    \}", body, re.S | re.M):
+        found[name] = {key: set(re.findall(r'"([^"]+)"', value))
+                       for key, value in re.findall(r"(\w+)\s*=\s*\[([^\]]*)\]", fields)}
+    return found
+
+
+def test_terraform_binds_each_identity_to_its_service_accounts_with_its_prefixes():
+    identities = terraform_identities()
+    # The same split as SeaweedFS's identities, named after the workload.
+    ours = {"ray": "ray", "mlflow": "mlflow", "postgres-backup": "backup"}
+    assert set(identities) == set(ours)
+    for name, spec in identities.items():
+        prefixes = workload_prefixes()[ours[name]]
+        assert spec["own_prefixes"] == prefixes["own"], name
+        assert spec["add_only"] == prefixes["add"], name
+        for account in spec["service_accounts"]:
+            assert the("ServiceAccount", account)["metadata"].get("annotations") is None, "no hand-made binding"
+    # The pods that sign with a role run under the accounts bound to it.
+    accounts = {role: the_pod(role)["spec"]["serviceAccountName"] for role in
+                ("ray-head", "ray-worker", "rayjob-head", "rayjob-worker", "mlflow", "postgres-backup",
+                 "postgres-restore")}
+    bound = {account: name for name, spec in identities.items() for account in spec["service_accounts"]}
+    assert {role: bound.get(account) for role, account in accounts.items()} == {
+        "ray-head": "ray", "ray-worker": "ray", "rayjob-head": "ray", "rayjob-worker": "ray",
+        "mlflow": "mlflow", "postgres-backup": "postgres-backup", "postgres-restore": "postgres-backup",
+    }
+    # Bound by EKS Pod Identity associations, from that table, and by nothing to annotate.
+    association = terraform_block('resource "aws_eks_pod_identity_association" "workload"')
+    assert "for_each = local.pod_identity_associations" in association
+    assert "service_account = each.key" in association and "namespace       = var.kubernetes_namespace" in association
+    assert "aws_iam_role.workload[each.value].arn" in association
+    assert '"pods.eks.amazonaws.com"' in terraform_block('data "aws_iam_policy_document" "pod_identity_assume"')
+    assert "eks-pod-identity-agent" in terraform_block('resource "aws_eks_addon" "pod_identity_agent"')
+    texts = [REPO / "infra" / "README.md", *TERRAFORM.glob("*.tf"), *manifest_files()]
+    assert not [p.name for p in texts if "eks.amazonaws.com/role-arn" in p.read_text()
+                and p.name not in {"addons.tf"}], "a workload role bound by annotation"
     namespace = re.search(
         r'variable "kubernetes_namespace".*?default\s*=\s*"([\w-]+)"', (TERRAFORM / "variables.tf").read_text(), re.S
     )
     assert namespace and namespace.group(1) == NAMESPACE
+
+
+def test_terraform_iam_documents_scope_each_role_to_its_prefixes():
+    policy = terraform_block('data "aws_iam_policy_document" "bucket_access"')
+    assert "for_each = local.workload_identities" in policy
+    own = re.search(r'sid = "OwnPrefixes"(.*?)\n  \}', policy, re.S).group(1)
+    assert 'resources = [for prefix in each.value.own_prefixes : "${aws_s3_bucket.artifacts.arn}/${prefix}/*"]' in own
+    assert "s3:DeleteObject" in own
+    add = re.search(r'sid       = "AddOnly"(.*?)\n    \}', policy, re.S).group(1)
+    assert "each.value.add_only" in policy and "s3:PutObject" in add
+    assert not re.search(r"s3:(Delete|Get)", add), "add-only prefixes are neither read nor deleted"
+    # Nothing bucket-wide but finding the bucket and listing names.
+    wide = re.findall(r"resources = \[aws_s3_bucket\.artifacts\.arn\]", policy)
+    assert len(wide) == 1 and re.search(r'actions   = \["s3:ListBucket", "s3:GetBucketLocation"\]', policy)
+    assert "s3:*" not in policy and '"*"' not in policy
+    assert "aws_iam_role.workload[each.key].id" in terraform_block('resource "aws_iam_role_policy" "bucket_access"')
 
 
 # --- checkov and terraform ----------------------------------------------------------------
