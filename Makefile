@@ -4,13 +4,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CHECKOV_VENV ?= .venv-checkov
-# Real FashionMNIST for offline machines and Chromium for the UI tests, from Debian/Ubuntu.
-SYSTEM_PACKAGES := dataset-fashion-mnist chromium
+# Real FashionMNIST for offline machines, Chromium for the UI tests and PostgreSQL for the stack's
+# PostgreSQL backend, from Debian/Ubuntu (under CI a test that misses one fails, it does not skip).
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium postgresql
 PYTEST_ARGS ?=
+# The slowest tests are always listed, so that a new slow one shows.
+PYTEST = CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest --durations=15
+# test-quick: the in-process tests, without those that start services, Ray or a browser, or run
+# minutes of subprocesses (the markers in pyproject.toml).
+QUICK_TESTS := not stack and not ray and not browser and not slow
 # Extra sweep flags for `make demo`, e.g. DEMO_ARGS="--num-samples 2 --max-epochs 1" for a quicker check.
 DEMO_ARGS ?=
 
-.PHONY: demo test venv system-packages checkov clean bench bench-quick bench-tta
+.PHONY: demo test test-quick venv system-packages checkov clean bench bench-quick bench-tta
 
 venv: $(VENV)/.installed
 
@@ -33,6 +39,7 @@ system-packages:
 	@missing=""; \
 	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || missing="$$missing dataset-fashion-mnist"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
@@ -56,8 +63,13 @@ bench-quick: venv system-packages
 bench-tta: venv system-packages
 	$(PY) -m bench.time_to_accuracy --device cpu --out BENCHMARKS.md --results bench/results/tta_cpu.json
 
+# The whole suite (what CI runs, .ci/run).
 test: venv checkov system-packages
-	CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# The inner loop: the in-process tests only (under 5 minutes on 2 cores).
+test-quick: venv checkov system-packages
+	$(PYTEST) -m "$(QUICK_TESTS)" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache test-artifacts

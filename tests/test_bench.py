@@ -36,6 +36,7 @@ def number(cell: str) -> float:
 SMALLEST = ["--subset", "64", "--width", "2", "--batch-size", "32"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_table_with_positive_numbers(tmp_path, real_data_dir):
     result = python_m_bench("--quick", *SMALLEST, "--out", "tmp/BENCH.md", "--data-dir", str(real_data_dir),
                             cwd=tmp_path)
