@@ -267,7 +267,7 @@ def _shown(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> str:
     nfe = [c for c in table.columns if c.startswith(("FNFE at", "BNFE at"))]
     columns = [c for c in [*SHOWN[:3], *extra, *SHOWN[3:], *nfe, DIFF, "divergence vs base (Holm p)", "verdict"]
                if c in table]
-    return table[columns].to_markdown(index=False, floatfmt=".4g")
+    return table[columns].fillna("").to_markdown(index=False, floatfmt=".4g")
 
 
 def render(comparison: Comparison, report: Report, out: Path) -> list[str]:
@@ -286,7 +286,7 @@ def render(comparison: Comparison, report: Report, out: Path) -> list[str]:
     report.figures.append(plots.paired_effects(
         effects, base_value, out / f"effect_{comparison.key}.png", comparison.dimension,
         log=comparison.dimension in LOG_SCALE,
-        title=f"test accuracy vs base {base_value}: paired by seed, Holm-level interval"))
+        title="Δ test accuracy vs base: paired by seed, Holm-level interval"))
     if any(comparison.curves.values()):
         diverged_ids = set(pd.concat(list(comparison.groups.values())).pipe(diverged)["run_id"])
         finished_ids = set(pd.concat(list(comparison.groups.values())).pipe(finished)["run_id"])
