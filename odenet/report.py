@@ -546,8 +546,9 @@ def search(runs: pd.DataFrame, report: Report, out: Path, curves: dict[str, pd.D
         report.figures.append(plots.importance_bars(ranked, out / f"{key}search_importance.png",
                                                     f"importance for val_acc at epoch {budget} "
                                                     f"(out-of-bag R² {oob_r2:.2f})"))
-    report.figures.append(plots.partial_dependence(dependence, out / f"{key}search_partial_dependence.png",
-                                                   f"val accuracy at epoch {budget}", LOG_SCALE))
+        # Drawn only from a forest that predicts something: otherwise its curves are noise.
+        report.figures.append(plots.partial_dependence(dependence, out / f"{key}search_partial_dependence.png",
+                                                       f"val accuracy at epoch {budget}", LOG_SCALE))
     report.sections.append("\n\n".join(lines))
 
 
