@@ -267,7 +267,7 @@ def _shown(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> str:
     nfe = [c for c in table.columns if c.startswith(("FNFE at", "BNFE at"))]
     columns = [c for c in [*SHOWN[:3], *extra, *SHOWN[3:], *nfe, DIFF, "divergence vs base (Holm p)", "verdict"]
                if c in table]
-    return table[columns].to_markdown(index=False, floatfmt=".4g")
+    return table[columns].fillna("").to_markdown(index=False, floatfmt=".4g")
 
 
 def render(comparison: Comparison, report: Report, out: Path) -> list[str]:
@@ -286,7 +286,7 @@ def render(comparison: Comparison, report: Report, out: Path) -> list[str]:
     report.figures.append(plots.paired_effects(
         effects, base_value, out / f"effect_{comparison.key}.png", comparison.dimension,
         log=comparison.dimension in LOG_SCALE,
-        title=f"test accuracy vs base {base_value}: paired by seed, Holm-level interval"))
+        title="Δ test accuracy vs base: paired by seed, Holm-level interval"))
     if any(comparison.curves.values()):
         diverged_ids = set(pd.concat(list(comparison.groups.values())).pipe(diverged)["run_id"])
         finished_ids = set(pd.concat(list(comparison.groups.values())).pipe(finished)["run_id"])
@@ -546,8 +546,9 @@ def search(runs: pd.DataFrame, report: Report, out: Path, curves: dict[str, pd.D
         report.figures.append(plots.importance_bars(ranked, out / f"{key}search_importance.png",
                                                     f"importance for val_acc at epoch {budget} "
                                                     f"(out-of-bag R² {oob_r2:.2f})"))
-    report.figures.append(plots.partial_dependence(dependence, out / f"{key}search_partial_dependence.png",
-                                                   f"val accuracy at epoch {budget}", LOG_SCALE))
+        # Drawn only from a forest that predicts something: otherwise its curves are noise.
+        report.figures.append(plots.partial_dependence(dependence, out / f"{key}search_partial_dependence.png",
+                                                       f"val accuracy at epoch {budget}", LOG_SCALE))
     report.sections.append("\n\n".join(lines))
 
 

@@ -167,7 +167,6 @@ def verdict(paired: Paired, adjusted_p: float, interval: Interval, unit: str = "
         return paired.not_estimable
     if adjusted_p >= ALPHA or math.isnan(adjusted_p):
         return f"no difference detectable (Holm p = {adjusted_p:.2g})"
-    size = abs(paired.mean) * scale
-    low, high = interval.low * scale, interval.high * scale
     direction = "higher" if paired.mean > 0 else "lower"
-    return f"{direction} by {size:.2g} [{low:.2g}, {high:.2g}] {unit} (Holm p = {adjusted_p:.2g})"
+    return (f"{direction} by {abs(paired.mean) * scale:.2g} {unit}: Δ {interval.format(scale, 2)} "
+            f"(Holm p = {adjusted_p:.2g})")

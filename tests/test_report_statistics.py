@@ -79,7 +79,7 @@ def test_a_forest_that_cannot_predict_ranks_nothing(tmp_path):
     report.search(runs, out, tmp_path, curves, ["final_time", "lr", "norm"])
     text = out.markdown()
     assert f"out-of-bag R² of {oob_r2:.2f}" in text and "too few (or too noisy) to rank" in text
-    assert "search_importance" not in out.tables
+    assert "search_importance" not in out.tables and out.figures == []  # no ranking, no partial dependence
 
 
 def test_one_short_trial_and_one_diverged_trial_do_not_set_the_budget(tmp_path):
