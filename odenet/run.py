@@ -88,7 +88,7 @@ class Plan:
     val_images: int
     test_images: int
     solvers: tuple[str, ...]  # the re-evaluation's
-    seconds: float
+    seconds: float | None  # None: the solver gave up on the timed batch (training will say so)
 
     def __str__(self) -> str:
         done = f" ({self.epochs_done} done before)" if self.epochs_done else ""
@@ -98,29 +98,40 @@ class Plan:
         if self.solvers:
             work.append(f"its re-evaluation with {len(self.solvers)} solvers ({', '.join(self.solvers)}), "
                         f"{self.test_images:,} images each")
-        return (f"plan: {', then '.join(work)}; roughly {_duration(self.seconds)} on this machine "
-                f"(--test-subset N and --no-reevaluate shorten the test phases)")
+        how_long = "" if self.seconds is None else f"; roughly {_duration(self.seconds)} on this machine"
+        return (f"plan: {', then '.join(work)}{how_long} (--test-subset N and --no-reevaluate shorten "
+                f"the test phases)")
 
 
 def plan(config: RunConfig, splits: data.DataSplits, epochs_done: int) -> Plan:
     """The run's work, timed on one batch of a fresh model: rough, since a trained ODE model may
     take more solver steps than an untrained one."""
     solvers = tuple(name for name, _, _ in REEVALUATION_SOLVERS) if config.is_ode and config.reevaluate else ()
-    model = build(config).to(splits.train.images.device)
-    x, y = next(splits.train.batches(config.batch_size))
-    start = time.perf_counter()
-    (F.cross_entropy(model(x), y) + model.regularisation()).backward()
-    per_train_image = (time.perf_counter() - start) / len(y)
-    model.eval()
-    start = time.perf_counter()
-    with torch.no_grad(), model.solving_with(SolverSettings.for_evaluation(config)):
-        model(x)
-    per_eval_image = (time.perf_counter() - start) / len(y)
     epochs = max(config.max_epochs - epochs_done, 0)
     images = (len(splits.train), len(splits.val), len(splits.test))
+    try:
+        per_train_image, per_eval_image = _pace(config, splits)
+    except Diverged:
+        return Plan(epochs, epochs_done, *images, solvers, None)
     seconds = (epochs * (images[0] * per_train_image + images[1] * per_eval_image)
                + images[2] * (1 + len(solvers)) * per_eval_image)
     return Plan(epochs, epochs_done, *images, solvers, seconds)
+
+
+def _pace(config: RunConfig, splits: data.DataSplits) -> tuple[float, float]:
+    """Seconds per image of a training step and of an evaluation, on one batch of a fresh model
+    (the run's own model is built and seeded by `fit`)."""
+    model = build(config).to(splits.train.images.device)
+    x, y = next(splits.train.batches(config.batch_size))
+    with solver_failures(0, None):
+        start = time.perf_counter()
+        (F.cross_entropy(model(x), y) + model.regularisation()).backward()
+        per_train_image = (time.perf_counter() - start) / len(y)
+        model.eval()
+        start = time.perf_counter()
+        with torch.no_grad(), model.solving_with(SolverSettings.for_evaluation(config)):
+            model(x)
+    return per_train_image, (time.perf_counter() - start) / len(y)
 
 
 def _duration(seconds: float) -> str:

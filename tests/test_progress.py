@@ -2,6 +2,7 @@
 in a sweep's trials, and no third-party INFO logs unless asked."""
 
 import io
+import logging
 import os
 import pty
 import subprocess
@@ -74,12 +75,27 @@ def test_a_run_into_a_pipe_prints_one_line_per_phase_and_no_bars_nor_third_party
     assert MLFLOW_INFO not in seen and " INFO " not in seen
 
 
-def test_verbose_or_the_log_level_variable_brings_back_the_third_party_info_logs(tmp_path, real_data_dir):
-    for where, flags, env in [("flag", ["--verbose"], {}), ("variable", [], {envvars.LOG_LEVEL: "info"})]:
-        (tmp_path / where).mkdir()  # a store of its own: MLflow creates its tables again
-        result = odenet(*tiny_run(real_data_dir, "--no-reevaluate", *flags), cwd=tmp_path / where, env=env)
-        assert result.returncode == 0, result.stderr
-        assert MLFLOW_INFO in result.stderr, where
+def test_verbose_brings_back_the_third_party_info_logs(tmp_path, real_data_dir):
+    result = odenet(*tiny_run(real_data_dir, "--no-reevaluate", "--verbose"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert MLFLOW_INFO in result.stderr
+
+
+@pytest.mark.parametrize("given, verbose, level", [(None, False, "WARNING"), ("info", False, "INFO"),
+                                                   (None, True, "INFO"), ("error", False, "ERROR")])
+def test_the_log_level_variable_sets_the_libraries_own(given, verbose, level, monkeypatch):
+    for name in (envvars.LOG_LEVEL, envvars.MLFLOW_LOGGING_LEVEL, envvars.RAY_LOGGER_LEVEL):
+        monkeypatch.delenv(name, raising=False)
+    if given:
+        monkeypatch.setenv(envvars.LOG_LEVEL, given)
+    levels = {name: logging.getLogger(name).level for name in progress.THIRD_PARTY}
+    try:
+        progress.quiet_third_party(verbose)
+    finally:
+        for name, was in levels.items():
+            logging.getLogger(name).setLevel(was)
+    assert os.environ[envvars.MLFLOW_LOGGING_LEVEL] == level
+    assert os.environ[envvars.RAY_LOGGER_LEVEL] == level.lower()
 
 
 class Stream(io.StringIO):
