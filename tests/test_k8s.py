@@ -1805,3 +1805,64 @@ def test_an_upgrade_of_the_long_lived_cluster_replaces_all_its_pods_at_once():
     # The sweeps' clusters are replaced per attempt instead, never upgraded in place.
     assert "immutable" in (REPO / "infra" / "terraform" / "ecr.tf").read_text().lower()
     assert 'image_tag_mutability = "IMMUTABLE"' in (REPO / "infra" / "terraform" / "ecr.tf").read_text()
+
+
+# --- checkov on the Ray pods, which it does not find inside RayCluster and RayJob ----------
+
+
+@functools.cache
+def ray_pod_folder() -> Path:
+    """The pod templates of the RayCluster and the RayJobs (head, workers, submitter), each
+    written out as the Pod KubeRay makes from it, for checkov to scan as it scans the rest."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="odenet-ray-pods-"))
+    for doc in objects():
+        templates = []
+        for cluster in ray_cluster_specs(doc):
+            templates.append(("head", cluster["headGroupSpec"]["template"]))
+            templates += [(group["groupName"], group["template"]) for group in cluster.get("workerGroupSpecs", [])]
+        if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+            templates.append(("submitter", doc["spec"]["submitterPodTemplate"]))
+        for part, template in templates:
+            name = f"{doc['metadata']['name']}-{doc['kind'].lower()}-{part}"
+            metadata = {"name": name, "namespace": NAMESPACE, **json.loads(json.dumps(template.get("metadata", {})))}
+            # The labels KubeRay adds too, which the NetworkPolicies select by.
+            [made] = [p for p in pods() if p["source"] == f"{doc['kind']}/{doc['metadata']['name']}"
+                      and p["spec"] is template["spec"]]
+            metadata["labels"] = made["labels"]
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+            (folder / f"{name}.yaml").write_text(yaml.safe_dump(pod, sort_keys=False))
+    # The policies, so that checkov finds the pods' (CKV2_K8S_6).
+    shutil.copy(K8S / "10-network-policies.yaml", folder)
+    return folder
+
+
+@functools.cache
+def checkov_ray_pods_report() -> dict:
+    completed = subprocess.run(
+        [checkov_binary(), "--skip-download", "--framework", "kubernetes", "-d", str(ray_pod_folder()),
+         "--output", "json", "--soft-fail"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(completed.stdout)
+    [ours] = [r for r in (report if isinstance(report, list) else [report]) if r.get("check_type") == "kubernetes"]
+    return ours
+
+
+def test_the_ray_pods_are_extracted_for_checkov():
+    written = sorted(path.stem for path in ray_pod_folder().glob("*.yaml") if path.stem != "10-network-policies")
+    ray_roles = [p for p in pods() if p["role"].startswith("ray")]
+    assert len(written) == len(ray_roles) and len(written) >= 5, written
+
+
+def test_checkov_finds_nothing_in_the_ray_pods():
+    results = checkov_ray_pods_report()["results"]
+    written = {path.stem for path in ray_pod_folder().glob("*.yaml") if path.stem != "10-network-policies"}
+    assert written <= {c["resource"].rsplit(".", 1)[1] for c in results["passed_checks"]}, "checkov skipped a Ray pod"
+    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in results["failed_checks"]]
+    assert not failed, "\n".join(failed)
+    unexplained = [f"{c['check_id']} {c['resource']}" for c in results["skipped_checks"]
+                   if len((c["check_result"].get("suppress_comment") or "").strip()) < 20]
+    assert not unexplained, f"skips without a reason: {unexplained}"
