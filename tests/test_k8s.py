@@ -1667,3 +1667,204 @@ def test_instructions_name_only_manifests_that_exist():
         if not (REPO / name).is_file()
     }
     assert not stale, sorted(stale)
+
+
+# --- A week unattended: disruptions, upgrades, placement ------------------------------------
+
+HEADS = ("ray-head", "rayjob-head")
+
+
+@pytest.mark.parametrize("role", HEADS)
+def test_heads_are_protected_from_voluntary_disruption(role):
+    head = the_pod(role)
+    budgets = [b for b in objects("PodDisruptionBudget") if selects(b["spec"]["selector"], head["labels"])]
+    assert budgets, f"no PodDisruptionBudget selects the {role} pod"
+    assert all(b["spec"].get("maxUnavailable") == 0 or b["spec"].get("minAvailable") in (1, "100%") for b in budgets)
+    annotations = the_template_annotations(role)
+    assert annotations.get("cluster-autoscaler.kubernetes.io/safe-to-evict") == "false"
+    priority = the("PriorityClass", head["spec"]["priorityClassName"])
+    assert priority["value"] > 0 and not priority.get("globalDefault")
+    # The workers stay ordinary: a lost worker costs a trial retry, not the sweep.
+    assert not [p for p in pods() if p["role"].endswith("-worker") and p["spec"].get("priorityClassName")]
+
+
+def test_disruption_budgets_select_only_heads():
+    for budget in objects("PodDisruptionBudget"):
+        selected = [p["role"] for p in pods() if selects(budget["spec"]["selector"], p["labels"])]
+        assert sorted(selected) == sorted(HEADS), budget["metadata"]["name"]
+
+
+def the_template_annotations(role: str) -> dict:
+    """The pod template's annotations (pods() keeps labels only)."""
+    for doc in objects():
+        for cluster in ray_cluster_specs(doc):
+            prefix = "ray" if doc["kind"] == "RayCluster" else "rayjob"
+            if role == f"{prefix}-head":
+                return cluster["headGroupSpec"]["template"]["metadata"].get("annotations", {})
+    pytest.fail(f"no {role}")
+
+
+def test_the_sweep_state_is_synced_every_minute():
+    from ray import tune
+
+    from sweeps import tuning
+
+    assert tuning.SYNC_PERIOD_S <= 60
+    source = (REPO / "sweeps" / "tuning.py").read_text()
+    assert "sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S)" in source
+    # What Tune is handed: the RunConfig the sweep builds.
+    sweep = tuning.Sweep.__new__(tuning.Sweep)
+    sweep.where = type("Where", (), {"tune_storage": lambda self: ("/tmp/odenet-sync-check", None)})()
+    sweep.name, sweep.experiment, sweep.max_failures, sweep.space, sweep.designed = "s", "e", 1, {}, False
+    run_config = tuning.Sweep.run_config(sweep)
+    assert isinstance(run_config.sync_config, tune.SyncConfig)
+    assert run_config.sync_config.sync_period == tuning.SYNC_PERIOD_S
+
+
+def every_job_spec() -> list[tuple[str, dict]]:
+    specs = [(doc["metadata"]["name"], doc["spec"]) for doc in objects("Job")]
+    specs += [(doc["metadata"]["name"], doc["spec"]["jobTemplate"]["spec"]) for doc in objects("CronJob")]
+    return specs
+
+
+@pytest.mark.parametrize("name,spec", every_job_spec(), ids=[name for name, _ in every_job_spec()])
+def test_every_job_goes_after_a_ttl_so_that_applying_again_recreates_it(name, spec):
+    # A Job's pod template is immutable: re-applying k8s/ with a new image would fail on
+    # a Job that still exists. Deleted after a TTL, it is created anew (and runs again).
+    assert 0 < spec.get("ttlSecondsAfterFinished", 0) <= 86400
+
+
+@pytest.mark.parametrize("role", ["ray-head", "ray-worker", "rayjob-head", "rayjob-worker"])
+def test_ray_pods_request_the_disk_their_volumes_may_fill(role):
+    pod = the_pod(role)
+    limits = sum(parse_quantity(v["emptyDir"]["sizeLimit"]) for v in pod["spec"]["volumes"]
+                 if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+    [ray] = [c for c in pod["spec"]["containers"] if c["name"].startswith("ray-")]
+    requested = parse_quantity(ray["resources"]["requests"].get("ephemeral-storage", "0"))
+    assert requested >= limits, f"{role} requests {requested} bytes of disk for {limits} of emptyDir"
+
+
+def parse_quantity(text: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i)?", text).groups()
+    return int(number) * 1024 ** (" KMGT".index(unit[0]) if unit else 0)
+
+
+@pytest.mark.parametrize("role", ["postgres", "seaweedfs", "mlflow", "ray-head", "rayjob-head"])
+def test_long_running_pods_stay_off_gpu_nodes(role):
+    gpu_node = {"nvidia.com/gpu.present": "true", "odenet/node-kind": "gpu"}
+    cpu_node = {"odenet/node-kind": "cpu"}
+    terms = the_pod(role)["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    fits = [any(node_matches(term, node) for term in terms["nodeSelectorTerms"]) for node in (gpu_node, cpu_node)]
+    assert fits == [False, True], role
+
+
+def node_matches(term: dict, labels: dict) -> bool:
+    return selects({"matchExpressions": term.get("matchExpressions", [])}, labels)
+
+
+def test_gpu_nodes_carry_the_label_that_keeps_the_others_off():
+    labels = re.search(r"gpu_node_labels = \{(.*?)\n  \}", terraform_block("locals"), re.S).group(1)
+    assert '"nvidia.com/gpu.present" = "true"' in labels
+
+
+def test_postgres_has_a_startup_probe_before_its_liveness_probe():
+    [postgres] = the_pod("postgres")["containers"]
+    startup = postgres["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "initdb and crash recovery need minutes"
+    assert not postgres["livenessProbe"].get("initialDelaySeconds")
+
+
+def test_a_zonal_volume_always_has_a_cpu_node_in_its_zone():
+    cpu = terraform_block('resource "aws_eks_node_group" "cpu"')
+    assert "var.cpu_node_count.min >= length(var.availability_zones)" in cpu
+    variables = (TERRAFORM / "variables.tf").read_text()
+    minimum = int(re.search(r"default = \{ min = (\d+),", variables).group(1))
+    zones = re.search(r'variable "availability_zones".*?default\s*=\s*\[([^\]]*)\]', variables, re.S).group(1)
+    assert minimum >= len(re.findall(r'"\w+"', zones))
+
+
+def test_mlflow_migrates_its_schema_after_a_fresh_dump_and_never_beside_another_version():
+    deployment = the("Deployment", "mlflow")
+    assert deployment["spec"]["strategy"]["type"] == "Recreate", "two MLflow versions would serve at once"
+    pod = the_pod("mlflow")
+    [dump, migrate] = pod["spec"]["initContainers"]
+    assert "pg_dump --format=custom" in " ".join(dump["args"])
+    script = " ".join(migrate["args"])
+    assert script.index("upload_file") < script.index('"mlflow", "db", "upgrade"'), "the dump goes up first"
+    # The migration is MLflow's own, of the server's version.
+    [server] = [c for c in pod["containers"] if c["name"] == "mlflow"]
+    assert migrate["image"] == server["image"]
+    [postgres] = {c["image"] for c in the_pod("postgres")["containers"]}
+    assert dump["image"] == postgres
+    # The dump lands where MLflow's identity may add and the restore reads.
+    assert env_value("postgres-restore", "BACKUP_URI") in next(
+        e["value"] for e in migrate["env"] if e["name"] == "BACKUP_URI")
+
+
+def test_an_upgrade_of_the_long_lived_cluster_replaces_all_its_pods_at_once():
+    cluster = the("RayCluster", RAY_CLUSTER)["spec"]
+    assert cluster["upgradeStrategy"]["type"] == "Recreate"
+    # The sweeps' clusters are replaced per attempt instead, never upgraded in place.
+    assert "immutable" in (REPO / "infra" / "terraform" / "ecr.tf").read_text().lower()
+    assert 'image_tag_mutability = "IMMUTABLE"' in (REPO / "infra" / "terraform" / "ecr.tf").read_text()
+
+
+# --- checkov on the Ray pods, which it does not find inside RayCluster and RayJob ----------
+
+
+@functools.cache
+def ray_pod_folder() -> Path:
+    """The pod templates of the RayCluster and the RayJobs (head, workers, submitter), each
+    written out as the Pod KubeRay makes from it, for checkov to scan as it scans the rest."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="odenet-ray-pods-"))
+    for doc in objects():
+        templates = []
+        for cluster in ray_cluster_specs(doc):
+            templates.append(("head", cluster["headGroupSpec"]["template"]))
+            templates += [(group["groupName"], group["template"]) for group in cluster.get("workerGroupSpecs", [])]
+        if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+            templates.append(("submitter", doc["spec"]["submitterPodTemplate"]))
+        for part, template in templates:
+            name = f"{doc['metadata']['name']}-{doc['kind'].lower()}-{part}"
+            metadata = {"name": name, "namespace": NAMESPACE, **json.loads(json.dumps(template.get("metadata", {})))}
+            # The labels KubeRay adds too, which the NetworkPolicies select by.
+            [made] = [p for p in pods() if p["source"] == f"{doc['kind']}/{doc['metadata']['name']}"
+                      and p["spec"] is template["spec"]]
+            metadata["labels"] = made["labels"]
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+            (folder / f"{name}.yaml").write_text(yaml.safe_dump(pod, sort_keys=False))
+    # The policies, so that checkov finds the pods' (CKV2_K8S_6).
+    shutil.copy(K8S / "10-network-policies.yaml", folder)
+    return folder
+
+
+@functools.cache
+def checkov_ray_pods_report() -> dict:
+    completed = subprocess.run(
+        [checkov_binary(), "--skip-download", "--framework", "kubernetes", "-d", str(ray_pod_folder()),
+         "--output", "json", "--soft-fail"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(completed.stdout)
+    [ours] = [r for r in (report if isinstance(report, list) else [report]) if r.get("check_type") == "kubernetes"]
+    return ours
+
+
+def test_the_ray_pods_are_extracted_for_checkov():
+    written = sorted(path.stem for path in ray_pod_folder().glob("*.yaml") if path.stem != "10-network-policies")
+    ray_roles = [p for p in pods() if p["role"].startswith("ray")]
+    assert len(written) == len(ray_roles) and len(written) >= 5, written
+
+
+def test_checkov_finds_nothing_in_the_ray_pods():
+    results = checkov_ray_pods_report()["results"]
+    written = {path.stem for path in ray_pod_folder().glob("*.yaml") if path.stem != "10-network-policies"}
+    assert written <= {c["resource"].rsplit(".", 1)[1] for c in results["passed_checks"]}, "checkov skipped a Ray pod"
+    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in results["failed_checks"]]
+    assert not failed, "\n".join(failed)
+    unexplained = [f"{c['check_id']} {c['resource']}" for c in results["skipped_checks"]
+                   if len((c["check_result"].get("suppress_comment") or "").strip()) < 20]
+    assert not unexplained, f"skips without a reason: {unexplained}"
