@@ -4,7 +4,7 @@
 Run as a script, this file is the measuring wrapper: `python tests/sweep_fixtures.py OUT.json
 -- COMMAND...` runs COMMAND, reaps every process it left (Ray's outlive the driver by a moment)
 and writes to OUT.json the wall time, the CPU time of the whole process tree and the CPU time
-the machine was busy meanwhile (the machine is shared: see Measured.quiet_wall_s).
+the rest of the machine took meanwhile (the machine is shared: see Measured.fastest_s).
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ class Measured:
     others_cpu_s: float  # CPU time every other process of the machine took meanwhile
 
     @property
-    def quiet_wall_s(self) -> float:
-        """The wall time on this machine with nothing else running: the time the other processes
-        took from its cores given back, and never less than the command's CPU time spread over them."""
-        cores = len(os.sched_getaffinity(0))
-        return min(self.wall_s, max(self.wall_s - self.others_cpu_s / cores, self.cpu_s / cores))
+    def fastest_s(self) -> float:
+        """The least wall time the command could have taken here: its CPU time spread over every
+        core. On a shared machine its wall time on an idle one lies between this and wall_s."""
+        return self.cpu_s / len(os.sched_getaffinity(0))
 
 
 def measured_run(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> Measured:
