@@ -9,9 +9,11 @@ the rest of the machine took meanwhile (the machine is shared: see Measured.fast
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,10 +50,17 @@ class Measured:
 def measured_run(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> Measured:
     """Run `command` under the measuring wrapper (this file as a script)."""
     out = cwd / f"measured-{time.monotonic_ns()}.json"
-    result = subprocess.run([sys.executable, __file__, str(out), "--", *command], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    wrapper = subprocess.Popen([sys.executable, __file__, str(out), "--", *command], cwd=cwd, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = wrapper.communicate(timeout=timeout)
+    finally:
+        # on a timeout or Ctrl-C: the command, its Ray and the wrapper, all in the wrapper's session
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(wrapper.pid, signal.SIGKILL)
+        wrapper.wait()
     times = json.loads(out.read_text()) if out.exists() else dict.fromkeys(("wall_s", "cpu_s", "busy_s"), math.nan)
-    return Measured(result.returncode, result.stdout, result.stderr, times["wall_s"], times["cpu_s"],
+    return Measured(wrapper.returncode, stdout, stderr, times["wall_s"], times["cpu_s"],
                     max(0.0, times["busy_s"] - times["cpu_s"]))
 
 
