@@ -89,7 +89,9 @@ def smoke_sweep(tracking_stack, real_data_dir, tmp_path_factory) -> SmokeSweep:
     """One `architecture_ablation.py --smoke` on a local Ray, logging to the tracking stack, its
     state on S3 (SeaweedFS); run once per session for every test that reads a finished sweep."""
     cwd = tmp_path_factory.mktemp("smoke")
-    env = {**os.environ, **tracking_stack.env, "HOME": str(cwd), "RAY_TMPDIR": str(cwd / "ray")}
+    # Ray's socket paths must stay under 108 bytes: its temporary folder is a short one
+    ray_tmp = tmp_path_factory.getbasetemp() / "ray"
+    env = {**os.environ, **tracking_stack.env, "HOME": str(cwd), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     flags = ["--smoke", "--name", SMOKE_NAME, "--storage-path", f"s3://{tracking_stack.bucket}/ray",
              "--data-dir", str(real_data_dir)]
