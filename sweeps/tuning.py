@@ -166,7 +166,7 @@ class Progress(tune.CLIReporter):
     def should_report(self, trials, done: bool = False) -> bool:
         state = tuple((t.trial_id, t.status, (t.last_result or {}).get("epoch"),
                        (t.last_result or {}).get("trial_status")) for t in trials)
-        if not done and state == self._shown:
+        if state == self._shown:  # the last table printed is still true, at the end too
             return False
         if super().should_report(trials, done):
             self._shown = state

@@ -98,10 +98,11 @@ def test_the_fast_recipe_costs_what_its_lever_measured_and_an_unmeasured_solve_i
 @pytest.mark.stack
 @pytest.mark.ray
 def test_the_estimate_of_the_smoke_sweep_is_within_a_factor_of_2_of_its_wall_time(smoke_sweep):
-    """--estimate against the session's smoke sweep (width 8, 6 trials, ASHA). The machine is shared:
-    its wall time is compared with the time other processes took from the cores given back."""
+    """--estimate against the session's smoke sweep (width 8, 6 trials, ASHA). The machine is shared,
+    so the wall time on an idle machine is known to lie between the sweep's CPU time spread over
+    the cores and its measured wall time: the estimate must be within a factor of 2 of that range."""
     estimated_s = number(r"CPU[^:]*: ([\d.,]+) device-hours", smoke_sweep.estimate) * 3600
     run = smoke_sweep.run
-    print(f"estimate {estimated_s:.0f} s; wall {run.wall_s:.0f} s, on a quiet machine {run.quiet_wall_s:.0f} s, "
-          f"CPU {run.cpu_s:.0f} s, other processes' CPU {run.others_cpu_s:.0f} s")
-    assert 0.5 <= run.quiet_wall_s / estimated_s <= 2, (estimated_s, run)
+    print(f"estimate {estimated_s:.0f} s; wall {run.wall_s:.0f} s, CPU {run.cpu_s:.0f} s (at least "
+          f"{run.fastest_s:.0f} s of wall), other processes' CPU meanwhile {run.others_cpu_s:.0f} s")
+    assert run.fastest_s / 2 <= estimated_s <= 2 * run.wall_s, (estimated_s, run.fastest_s, run.wall_s)

@@ -41,3 +41,20 @@ def test_smoke_sizes_stand_in_for_the_flags_not_given():
     assert (base.max_epochs, base.subset, base.width) == (5, 1024, 8)
     args, base, _, _ = ablation.prepare(["--num-samples", "3"])
     assert (args.max_concurrent, args.grace_period, base.subset) == (4, 2, None)
+
+
+def test_smoke_picks_its_one_ablated_dimension_only_in_the_one_at_a_time_design(capsys, tmp_path, monkeypatch):
+    from sweeps.tuning import main
+
+    monkeypatch.chdir(tmp_path)
+    # activation_before's four values: the base and three others, each over --smoke's three seeds
+    assert main(ablation.architecture_ablation, ["--smoke", "--design", "one-at-a-time", "--estimate"]) == 0
+    assert "trials: 12\n" in capsys.readouterr().out
+    assert main(ablation.architecture_ablation, ["--smoke", "--design", "one-at-a-time", "--dimensions", "stride",
+                                                 "--estimate"]) == 0
+    assert "trials: 6\n" in capsys.readouterr().out
+    # the search design has no ablated dimension: --smoke supplies none, and one given is refused
+    args, _, _, _ = ablation.prepare(["--smoke"])
+    assert args.dimensions is None
+    assert main(ablation.architecture_ablation, ["--smoke", "--dimensions", "stride", "--estimate"]) == 2
+    assert "--dimensions: only for --design one-at-a-time" in capsys.readouterr().err

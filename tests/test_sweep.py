@@ -4,9 +4,11 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -141,11 +143,14 @@ def test_solver_reevaluation_writes_back_what_the_trials_did_not(smoke_sweep, tr
     _, runs = children(smoke_sweep.experiment)
     finished = [r for r in runs if r.info.status == "FINISHED" and r.data.params["model"] == "odenet-simple"]
     assert finished and not [r for r in finished if REEVALUATED_IMAGES in r.data.metrics]
-    result = subprocess.run([sys.executable, str(REPO / "sweeps" / "solver_reevaluation.py"), "--experiment",
-                             smoke_sweep.experiment, "--test-subset", "100", "--data-dir", str(real_data_dir)],
-                            cwd=tmp_path, env=sweep_env(tracking_stack, HOME=str(tmp_path),
-                                                        RAY_TMPDIR=str(tmp_path / "ray")),
-                            capture_output=True, text=True, timeout=600)
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "sweeps" / "solver_reevaluation.py"), "--experiment",
+                                 smoke_sweep.experiment, "--test-subset", "100", "--data-dir", str(real_data_dir)],
+                                cwd=tmp_path, env=sweep_env(tracking_stack, HOME=str(tmp_path), RAY_TMPDIR=ray_tmp),
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| dopri5_1e-3 |" in result.stdout
     for run in finished:
