@@ -313,7 +313,9 @@ def test_bad_arguments_fail_before_ray_starts(flags, message, tmp_path, real_dat
 
 def test_a_bad_argument_exits_2_from_the_command_line_before_ray_starts(tmp_path, real_data_dir):
     """The one case run as a user runs it: exit code 2, the message, no Ray, no sweep state."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "HOME": str(tmp_path)}
+    # Ray's INFO lines on: were Ray started, its "Started a local Ray instance" would show.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "HOME": str(tmp_path),
+           "ODENET_LOG_LEVEL": "INFO"}
     env.pop("RAY_ADDRESS", None)
     result = sweep("--smoke", "--data-dir", str(real_data_dir), "--space", "colour=red,blue", cwd=tmp_path, env=env)
     assert result.returncode == 2
