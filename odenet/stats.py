@@ -9,7 +9,7 @@ The rules every answer follows:
   one report) with Holm's step-down method, and each interval is shown at the level Holm
   used for it: 1 - alpha * p / p_holm. So an interval excludes 0 exactly when the Holm-adjusted
   p-value is below alpha, and the verdict and the interval never disagree;
-- a spread of paired differences below the test set's resolution (one image in N) is not
+- paired differences that are all equal at the test set's resolution (one image in N) are not
   estimated: a t-interval from floating-point noise would claim a precision no test set has;
 - accuracies (in [0, 1]) get intervals inside [0, 1]: the range over 3 or fewer seeds, and a
   t-interval on the logit scale mapped back otherwise.
@@ -104,8 +104,8 @@ class Paired:
 
 def paired_test(variant: Sequence[float], base: Sequence[float], resolution: float) -> Paired:
     """Paired t-test of variant - base over the pairs where both are numbers (finished).
-    Not estimable with fewer than MIN_PAIRS pairs, or when the differences' standard deviation is
-    below `resolution` (1/N for accuracies on N test images)."""
+    Not estimable with fewer than MIN_PAIRS pairs, or when the differences are all equal to within
+    half of `resolution` (1/N for accuracies on N test images)."""
     pairs = [(v, b) for v, b in zip(variant, base) if not (math.isnan(v) or math.isnan(b))]
     d = np.array([v - b for v, b in pairs], dtype=float)
     mean = float(d.mean()) if len(d) else math.nan
@@ -113,10 +113,12 @@ def paired_test(variant: Sequence[float], base: Sequence[float], resolution: flo
         return Paired(mean, math.nan, len(d) - 1, math.nan, len(d),
                       f"not estimable: {len(d)} finished pair(s), need at least {MIN_PAIRS}")
     sd = float(d.std(ddof=1))
-    if sd < resolution:
+    # Accuracies move in steps of one test image: differences within half a step of each other are
+    # the same count of images, and any spread left is floating-point noise, not seed variation.
+    if np.ptp(d) < resolution / 2:
         return Paired(mean, math.nan, len(d) - 1, math.nan, len(d),
-                      f"not estimable: the {len(d)} paired differences vary by less than the test set's "
-                      f"resolution ({resolution:.2g})")
+                      f"not estimable: the {len(d)} paired differences are equal to within the test set's "
+                      f"resolution (one image: {resolution:.2g})")
     result = stats.ttest_rel([v for v, _ in pairs], [b for _, b in pairs])
     return Paired(mean, sd / math.sqrt(len(d)), len(d) - 1, float(result.pvalue), len(d))
 
