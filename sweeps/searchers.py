@@ -81,12 +81,10 @@ def plan(searcher: str, objectives: str | None, scheduler: str | None, warm_star
     errors = []
     chosen: list[Objective] = [VAL_ACC]
     if searcher == HYPEROPT:
-        if objectives is not None:
-            errors.append(f"--objectives {objectives}: HyperOpt searches val_acc:max only; "
-                          f"add --searcher {OPTUNA} to weigh other objectives")
-        if warm_start_from is not None:
-            errors.append(f"--warm-start-from {warm_start_from}: Ray's HyperOptSearch cannot take known results; "
-                          f"add --searcher {OPTUNA}")
+        optuna_only = {"--objectives": (objectives, "HyperOpt searches val_acc:max only"),
+                       "--warm-start-from": (warm_start_from, "Ray's HyperOptSearch cannot take known results")}
+        errors += [f"{flag} {value}: {why}; add --searcher {OPTUNA}"
+                   for flag, (value, why) in optuna_only.items() if value is not None]
     elif objectives is not None:
         try:
             chosen = parse(objectives)

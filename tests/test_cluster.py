@@ -255,6 +255,14 @@ def trial_epochs(client: MlflowClient, experiment: str) -> dict[str, list]:
             if run.data.tags.get("sweep_role") != "parent" and "run_identity" in run.data.tags}
 
 
+def polled(job: subprocess.Popen, seconds: float, client: MlflowClient, experiment: str):
+    """Each trial's logged epochs (trial_epochs), every 2 s while the job runs, for at most `seconds`."""
+    deadline = time.time() + seconds
+    while job.poll() is None and time.time() < deadline:
+        yield trial_epochs(client, experiment)
+        time.sleep(2)
+
+
 def reported(s3, bucket: str, prefix: str, trial: str) -> list[tuple[float, int]]:
     """(time, epoch) of every result the trial reported to Tune, from its result.json on S3."""
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
@@ -282,15 +290,12 @@ def test_the_head_lost_mid_sweep_the_retried_job_restores_the_sweep_from_s3(clus
         # The head dies once both trials run and the sweep has trained for more than one sync
         # period: S3 then holds a state synced mid-sweep, not only the one written at the start.
         first_epoch_at = None
-        deadline = time.time() + 900
-        while jobs[0].poll() is None and time.time() < deadline:
-            epochs = trial_epochs(client, name)
+        for epochs in polled(jobs[0], 900, client, name):
             if first_epoch_at is None and any(epochs.values()):
                 first_epoch_at = time.time()
             if (first_epoch_at and time.time() - first_epoch_at > tuning.SYNC_PERIOD_S + 20
                     and len(epochs) == 2 and all(epochs.values())):
                 break
-            time.sleep(2)
         assert jobs[0].poll() is None, "the sweep ended before its head could be killed:\n" + jobs[0].stdout.read()[-4000:]
         kill_node(first_nodes.pop("head"))
         killed_at = time.time()
@@ -307,11 +312,9 @@ def test_the_head_lost_mid_sweep_the_retried_job_restores_the_sweep_from_s3(clus
                            "--scheduler", "fifo"))
         progressed_at = None
         deadline = time.time() + 1200
-        while jobs[1].poll() is None and time.time() < deadline:
-            now = trial_epochs(client, name)
+        for now in polled(jobs[1], 1200, client, name):
             if progressed_at is None and any(m and m[-1].step > at_kill.get(t, 0) for t, m in now.items()):
                 progressed_at = time.time()
-            time.sleep(2)
         out, _ = jobs[1].communicate(timeout=max(1, deadline - time.time()))
     finally:
         for job in jobs:
