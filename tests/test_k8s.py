@@ -1714,7 +1714,7 @@ def test_the_sweep_state_is_synced_every_minute():
     assert "sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S)" in source
     # What Tune is handed: the RunConfig the sweep builds.
     sweep = tuning.Sweep.__new__(tuning.Sweep)
-    sweep.where = type("Where", (), {"tune_storage": lambda self: ("/tmp/odenet-sync-check", None)})()
+    sweep.where = type("Where", (), {"tune_storage": ("/tmp/odenet-sync-check", None)})()
     sweep.name, sweep.experiment, sweep.max_failures, sweep.space, sweep.designed = "s", "e", 1, {}, False
     run_config = tuning.Sweep.run_config(sweep)
     assert isinstance(run_config.sync_config, tune.SyncConfig)
