@@ -115,8 +115,11 @@ def quiet_third_party(verbose: bool = False) -> None:
     level = given if given in LEVELS else LEVELS[0]
     if verbose and level != "DEBUG":
         level = "INFO"
-    os.environ.setdefault(envvars.MLFLOW_LOGGING_LEVEL, level)
-    os.environ.setdefault(envvars.RAY_LOGGER_LEVEL, level.lower())
+    # An explicit choice (--verbose, $ODENET_LOG_LEVEL) wins over the libraries' variables, which a
+    # parent process (a sweep, a test session) may have set to its default; the default does not.
+    chosen = os.environ.__setitem__ if verbose or os.environ.get(envvars.LOG_LEVEL) else os.environ.setdefault
+    chosen(envvars.MLFLOW_LOGGING_LEVEL, level)
+    chosen(envvars.RAY_LOGGER_LEVEL, level.lower())
     for name in THIRD_PARTY:
         if name in sys.modules:
             logging.getLogger(name).setLevel(level)

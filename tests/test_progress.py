@@ -98,6 +98,23 @@ def test_the_log_level_variable_sets_the_libraries_own(given, verbose, level, mo
     assert os.environ[envvars.RAY_LOGGER_LEVEL] == level.lower()
 
 
+@pytest.mark.parametrize("verbose, level", [(False, "ERROR"), (True, "INFO")])
+def test_verbose_wins_over_a_level_inherited_from_a_parent_process(verbose, level, monkeypatch):
+    """A sweep or a test session quietens the libraries through their variables; a child run asked
+    for --verbose still gets INFO, and without it keeps what it inherited."""
+    monkeypatch.delenv(envvars.LOG_LEVEL, raising=False)
+    monkeypatch.setenv(envvars.MLFLOW_LOGGING_LEVEL, "ERROR")
+    monkeypatch.setenv(envvars.RAY_LOGGER_LEVEL, "error")
+    levels = {name: logging.getLogger(name).level for name in progress.THIRD_PARTY}
+    try:
+        progress.quiet_third_party(verbose)
+    finally:
+        for name, was in levels.items():
+            logging.getLogger(name).setLevel(was)
+    assert os.environ[envvars.MLFLOW_LOGGING_LEVEL] == level
+    assert os.environ[envvars.RAY_LOGGER_LEVEL] == level.lower()
+
+
 class Stream(io.StringIO):
     def __init__(self, terminal: bool):
         super().__init__()
