@@ -240,8 +240,8 @@ def test_a_worker_node_lost_mid_trial_its_trials_finish_on_the_other_from_s3(clu
         assert any(f"trial_{trial}/checkpoint_" in key for key in keys), f"no checkpoint of {trial} on S3"
 
 
-#: Long enough that the head is killed more than one sync period into the sweep, mid-trial.
-HEAD_KILL_MAX_EPOCHS = 40
+#: Long enough that the head is killed mid-trial after a state sync (about 1.5 s an epoch here).
+HEAD_KILL_MAX_EPOCHS = 60
 
 
 def trial_epochs(client: MlflowClient, experiment: str) -> dict[str, list]:
@@ -261,6 +261,13 @@ def polled(job: subprocess.Popen, seconds: float, client: MlflowClient, experime
     while job.poll() is None and time.time() < deadline:
         yield trial_epochs(client, experiment)
         time.sleep(2)
+
+
+def state_synced_at(tracking_stack, prefix: str) -> float:
+    """When the driver last uploaded the sweep's experiment state under `prefix` (0 if never)."""
+    listed = tracking_stack.s3_client().list_objects_v2(Bucket=tracking_stack.bucket, Prefix=prefix)
+    return max((o["LastModified"].timestamp() for o in listed.get("Contents", [])
+                if "experiment_state" in o["Key"]), default=0.0)
 
 
 def reported(s3, bucket: str, prefix: str, trial: str) -> list[tuple[float, int]]:
@@ -287,14 +294,16 @@ def test_the_head_lost_mid_sweep_the_retried_job_restores_the_sweep_from_s3(clus
         dashboard = start_cluster(env, tmp_path / "first", f"{ray_tmp}/first", first_nodes)
         jobs.append(submit(dashboard, name, tracking_stack, env, real_data_dir, HEAD_KILL_MAX_EPOCHS,
                            "--scheduler", "fifo"))
-        # The head dies once both trials run and the sweep has trained for more than one sync
-        # period: S3 then holds a state synced mid-sweep, not only the one written at the start.
-        first_epoch_at = None
+        # The head dies once both trials have trained a few epochs and S3 holds a sweep state
+        # synced after that (mid-sweep, not only the one written at the start): waited for as
+        # an event, not a time, so a fast machine does not finish the sweep first.
+        first_epoch_at = running_at = None
         for epochs in polled(jobs[0], 900, client, name):
             if first_epoch_at is None and any(epochs.values()):
                 first_epoch_at = time.time()
-            if (first_epoch_at and time.time() - first_epoch_at > tuning.SYNC_PERIOD_S + 20
-                    and len(epochs) == 2 and all(epochs.values())):
+            if running_at is None and len(epochs) == 2 and all(len(m) >= 2 for m in epochs.values()):
+                running_at = time.time()
+            if running_at and state_synced_at(tracking_stack, f"ray/{name}/") > running_at + 1:
                 break
         assert jobs[0].poll() is None, "the sweep ended before its head could be killed:\n" + jobs[0].stdout.read()[-4000:]
         kill_node(first_nodes.pop("head"))
