@@ -74,3 +74,6 @@ LOG_LEVEL = "ODENET_LOG_LEVEL"
 # handed on to Ray's workers), unless the user set them.
 MLFLOW_LOGGING_LEVEL = "MLFLOW_LOGGING_LEVEL"
 RAY_LOGGER_LEVEL = "RAY_LOGGER_LEVEL"
+# MLflow's own bar for artifact downloads and uploads: off unless verbose (it draws carriage
+# returns into pipes and Ray's logs, and our phases have their own progress).
+MLFLOW_ARTIFACTS_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"

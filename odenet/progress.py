@@ -120,6 +120,7 @@ def quiet_third_party(verbose: bool = False) -> None:
     chosen = os.environ.__setitem__ if verbose or os.environ.get(envvars.LOG_LEVEL) else os.environ.setdefault
     chosen(envvars.MLFLOW_LOGGING_LEVEL, level)
     chosen(envvars.RAY_LOGGER_LEVEL, level.lower())
+    chosen(envvars.MLFLOW_ARTIFACTS_PROGRESS_BAR, "true" if level in ("INFO", "DEBUG") else "false")
     for name in THIRD_PARTY:
         if name in sys.modules:
             logging.getLogger(name).setLevel(level)

@@ -268,7 +268,9 @@ def readme_runs_from_top_to_bottom(root: Path, tmp_path_factory, real_data_dir) 
     run_id = re.search(r"^mlflow run ([0-9a-f]{32}) ", configured, re.M).group(1)
     accuracy = re.search(r"^test accuracy (\d\.\d{4}) ", configured, re.M).group(1)
     evaluated = output("evaluate --run-id")
-    assert evaluated.startswith(f"run {run_id} (resnet-small on fashion-mnist, best epoch 1)"), evaluated[:300]
+    assert re.search(rf"^run {run_id} \(resnet-small on fashion-mnist, best epoch 1\)$", evaluated, re.M), \
+        evaluated[:300]
+    assert "\r" not in evaluated, "a bar drawn into a pipe"
     assert re.search(rf"^test accuracy {accuracy} ", evaluated, re.M), f"not {accuracy}:\n{evaluated[:400]}"
     assert f"\nlogged test accuracy {accuracy}\n" in evaluated
     assert "--final-time" in output("train --help")
