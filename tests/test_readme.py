@@ -314,8 +314,10 @@ def readme_runs_from_top_to_bottom(root: Path, tmp_path_factory, real_data_dir) 
         assert set(cells) == {("base", "base"), *others}
         assert all(sorted(seeds) == ["0", "1"] for seeds in cells.values())
     table = pd.read_csv(root / "report-effects" / f"one_at_a_time_{ABLATED}.csv")
-    assert len(table) == 2 and table["verdict"].iloc[1:].str.match(
-        r"(higher by|lower by|no difference detectable with 2 seeds)").all()
+    # 2 seeds: no verdict from fewer than 3 finished pairs, and the table says why
+    ablated = table[table["Δ test acc vs base, points"] != "base"]
+    assert len(table) == 2 and len(ablated) == 1, table
+    assert ablated["verdict"].str.startswith("not estimable: 2 finished pair(s), need at least 3").all(), table
     # the real stack: up, every service healthy, a run logged through its server; down
     status = output("stack.sh status")
     services = dict(re.findall(r"^(\w+): (healthy|running, not answering|stopped) \(", status, re.M))
