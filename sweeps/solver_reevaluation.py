@@ -20,7 +20,7 @@ from odenet import progress, tracking
 from odenet.config import ODE_MODELS
 from odenet.evaluate import REEVALUATION_SOLVERS
 from odenet.run import load_logged_run
-from odenet.stats import mean_interval
+from odenet.stats import accuracy_interval, mean_interval
 from odenet.summary import reevaluation_metrics
 from odenet.sweep_record import PARENT, ROLE_TAG
 from sweeps.space import SweepError
@@ -45,15 +45,17 @@ def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -
     values = {**reevaluation_metrics(table), REEVALUATED_IMAGES: len(splits.test)}
     metrics = [Metric(name, value, now, 0) for name, value in values.items()]
     tracking.client().log_batch(run_id, metrics=metrics)
-    return table.assign(run_id=run_id, model=config.model, dataset=config.dataset)
+    return table.assign(run_id=run_id, model=config.model, dataset=config.dataset, test_images=len(splits.test))
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Per solver: the runs it covers, how many failed, and mean accuracy and FNFE with 95% intervals."""
+    """Per solver: the runs it covers, how many failed, and mean accuracy (inside 0-100%, as the
+    report shows it) and FNFE with 95% intervals."""
     rows = []
+    resolution = 1 / table["test_images"].min()
     for solver, runs in table.groupby("solver", sort=False):
         rows.append({"solver": solver, "runs": len(runs), "failed": int(runs["accuracy"].isna().sum()),
-                     "test acc %": mean_interval(runs["accuracy"].tolist()).format(100.0),
+                     "test acc %": accuracy_interval(runs["accuracy"].tolist(), resolution).format(100.0),
                      "FNFE": mean_interval(runs["fnfe"].tolist()).format()})
     return pd.DataFrame(rows)
 

@@ -206,3 +206,14 @@ def test_nfe_compares_at_one_epoch_not_as_a_mean_over_however_many_epochs_a_run_
     _, comparisons = report.one_at_a_time(runs, "", curves)
     table = comparisons[0].table.set_index("value")
     assert table.loc["1.0 (base)", "FNFE at epoch 3"] == table.loc["2.0", "FNFE at epoch 3"] == "30 [30, 30]"
+
+
+def test_the_solver_reevaluation_summary_keeps_accuracy_inside_0_100():
+    """Two runs of very different accuracy: a t-interval would run from below 0 to above 100;
+    the summary shows the range, as the report does."""
+    from sweeps.solver_reevaluation import summary_table
+
+    planted = pd.DataFrame({"solver": ["euler", "euler"], "accuracy": [0.10, 0.74], "fnfe": [10.0, 10.0],
+                            "test_images": [100, 100]})
+    (row,) = summary_table(planted).to_dict("records")
+    assert row["test acc %"] == "42 [10, 74]"
