@@ -327,7 +327,7 @@ def test_a_bad_argument_exits_2_from_the_command_line_before_ray_starts(tmp_path
     env.pop("RAY_ADDRESS", None)
     result = sweep("--smoke", "--data-dir", str(real_data_dir), "--space", "colour=red,blue", cwd=tmp_path, env=env)
     assert result.returncode == 2
-    assert "error: unknown dimension 'colour': expected one of" in result.stderr
+    assert result.stderr.startswith("error: ") and "unknown dimension 'colour': expected one of" in result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "ray_results").exists()
 
