@@ -51,9 +51,17 @@ class MlflowServer(Service):
         self._wait_until(self.healthy, timeout=120)
 
     def healthy(self) -> bool:
-        """/health answers 200."""
+        """/health answers 200 and, with auth, the admin's credentials are accepted: each worker
+        sets up its auth store at start, so /health can answer before every worker takes them."""
         try:
-            return requests.get(f"{self.stack.tracking_uri}/health", timeout=5).status_code == 200
+            if requests.get(f"{self.stack.tracking_uri}/health", timeout=5).status_code != 200:
+                return False
+            if not self.stack.auth:
+                return True
+            # several tries: each may reach another of the server's workers
+            return all(requests.post(f"{self.stack.tracking_uri}/api/2.0/mlflow/experiments/search",
+                                     json={"max_results": 1}, auth=(self.stack.username, self.stack.password),
+                                     timeout=5).status_code == 200 for _ in range(4))
         except requests.RequestException:
             return False
 
