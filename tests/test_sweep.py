@@ -70,6 +70,10 @@ def test_smoke_sweep_logs_every_trial_as_a_child_run(smoke_sweep, tracking_stack
     stdout = smoke_sweep.run.stdout
     (parent,), runs = children(smoke_sweep.experiment)
     assert len(runs) == 6
+    # inside trials none of our progress (Tune's table is the view there): no plan, no phase
+    # lines, no bars in the trials' output that Ray hands to the driver
+    shown = stdout + smoke_sweep.run.stderr
+    assert "plan: " not in shown and "images/s" not in shown and "test evaluation" not in shown
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     assert parent.info.status == "FINISHED"
     assert {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)} >= {"results.csv", "results.md"}
