@@ -81,38 +81,40 @@ def test_verbose_brings_back_the_third_party_info_logs(tmp_path, real_data_dir):
     assert MLFLOW_INFO in result.stderr
 
 
-@pytest.mark.parametrize("given, verbose, level", [(None, False, "WARNING"), ("info", False, "INFO"),
-                                                   (None, True, "INFO"), ("error", False, "ERROR")])
-def test_the_log_level_variable_sets_the_libraries_own(given, verbose, level, monkeypatch):
-    for name in (envvars.LOG_LEVEL, envvars.MLFLOW_LOGGING_LEVEL, envvars.RAY_LOGGER_LEVEL):
-        monkeypatch.delenv(name, raising=False)
-    if given:
-        monkeypatch.setenv(envvars.LOG_LEVEL, given)
+LIBRARY_VARIABLES = (envvars.LOG_LEVEL, envvars.MLFLOW_LOGGING_LEVEL, envvars.RAY_LOGGER_LEVEL,
+                     envvars.MLFLOW_ARTIFACTS_PROGRESS_BAR)
+
+
+def quieted(monkeypatch, verbose: bool, **given: str) -> tuple[str, str]:
+    """quiet_third_party(verbose) from the variables `given` alone (the others unset), with the
+    session's environment and loggers as they were afterwards: MLflow's and Ray's levels it set."""
+    for name in LIBRARY_VARIABLES:
+        monkeypatch.setenv(name, "")  # recorded, so that teardown removes what the call sets
+        monkeypatch.delenv(name)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
     levels = {name: logging.getLogger(name).level for name in progress.THIRD_PARTY}
     try:
         progress.quiet_third_party(verbose)
     finally:
         for name, was in levels.items():
             logging.getLogger(name).setLevel(was)
-    assert os.environ[envvars.MLFLOW_LOGGING_LEVEL] == level
-    assert os.environ[envvars.RAY_LOGGER_LEVEL] == level.lower()
+    return os.environ[envvars.MLFLOW_LOGGING_LEVEL], os.environ[envvars.RAY_LOGGER_LEVEL]
+
+
+@pytest.mark.parametrize("given, verbose, level", [(None, False, "WARNING"), ("info", False, "INFO"),
+                                                   (None, True, "INFO"), ("error", False, "ERROR")])
+def test_the_log_level_variable_sets_the_libraries_own(given, verbose, level, monkeypatch):
+    given = {envvars.LOG_LEVEL: given} if given else {}
+    assert quieted(monkeypatch, verbose, **given) == (level, level.lower())
 
 
 @pytest.mark.parametrize("verbose, level", [(False, "ERROR"), (True, "INFO")])
 def test_verbose_wins_over_a_level_inherited_from_a_parent_process(verbose, level, monkeypatch):
     """A sweep or a test session quietens the libraries through their variables; a child run asked
     for --verbose still gets INFO, and without it keeps what it inherited."""
-    monkeypatch.delenv(envvars.LOG_LEVEL, raising=False)
-    monkeypatch.setenv(envvars.MLFLOW_LOGGING_LEVEL, "ERROR")
-    monkeypatch.setenv(envvars.RAY_LOGGER_LEVEL, "error")
-    levels = {name: logging.getLogger(name).level for name in progress.THIRD_PARTY}
-    try:
-        progress.quiet_third_party(verbose)
-    finally:
-        for name, was in levels.items():
-            logging.getLogger(name).setLevel(was)
-    assert os.environ[envvars.MLFLOW_LOGGING_LEVEL] == level
-    assert os.environ[envvars.RAY_LOGGER_LEVEL] == level.lower()
+    inherited = {envvars.MLFLOW_LOGGING_LEVEL: "ERROR", envvars.RAY_LOGGER_LEVEL: "error"}
+    assert quieted(monkeypatch, verbose, **inherited) == (level, level.lower())
 
 
 class Stream(io.StringIO):
