@@ -79,7 +79,9 @@ def load_runs(experiment: str) -> pd.DataFrame:
     import mlflow
 
     tracking.check_server()
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    # through the environment, not mlflow.set_tracking_uri: that global outlives the report and
+    # would send whatever this process logs next to this store, whatever MLFLOW_TRACKING_URI says
+    tracking.pin_embedded_store()
     raw = mlflow.search_runs(experiment_names=[experiment], max_results=50_000)
     if raw.empty:
         raise tracking.TrackingError(f"experiment {experiment!r} has no runs at {tracking.tracking_uri()}")

@@ -267,3 +267,18 @@ def test_a_run_that_raises_is_failed_with_its_traceback_not_diverged(tracking_en
     assert run.data.tags["failure_cause"] == "error" and "a bug in the epoch callback" in run.data.tags["failure_detail"]
     trace = MlflowClient().download_artifacts(tracker.run_id, "error.txt", str(tmp_path))
     assert "Traceback" in open(trace).read()
+
+
+def test_reading_a_report_leaves_the_processs_tracking_uri_to_the_environment(tracking_env, monkeypatch):
+    """load_runs once pinned its store with mlflow.set_tracking_uri, a process-wide setting that
+    wins over MLFLOW_TRACKING_URI: whatever the process logged afterwards went to that store (a
+    later test's client met the first server with the second server's password: 401)."""
+    import mlflow
+
+    from odenet import report
+
+    with pytest.raises(TrackingError, match="has no runs"):
+        report.load_runs(f"no-such-experiment-{os.getpid()}")
+    elsewhere = "http://127.0.0.1:9/"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    assert mlflow.get_tracking_uri() == elsewhere
