@@ -8,31 +8,40 @@ its epochs, and its evaluations after training (the test set, and for ODE models
 re-evaluation each solver of odenet.evaluate.REEVALUATION_SOLVERS), each a forward pass over
 the test images that costs FORWARD_SHARE of a training image.
 
-An epoch (training and validation images) costs the measured epoch of the same model family
-on the same device (`python -m bench`: FashionMNIST, 2048 images, width 64, batch size 128,
-stride 2, T_n = 1, dopri5 at 1e-3 with the adjoint), per image, split in two parts:
+An epoch (training and validation images) costs, per image, two parts, both proportional to
+the pixels of the block, (side / 14)^2, where side is the image side over the stride (28 or
+32 pixels):
 
-- a part that does not grow with the width (OVERHEAD_SHARE of the measured epoch on the
-  CPU): Python and operator dispatch for each batch and function evaluation, so it scales
-  with the batches, 128 / batch size;
-- the convolutions: ((C + A) / 66)^2 channels and (side / 14)^2 pixels, where side is the
-  image side over the stride (28 or 32 pixels).
+- the convolutions: the measured epoch of the same model family on the same device (`python
+  -m bench`: FashionMNIST, 2048 images, width 64, batch size 128, stride 2, T_n = 1, dopri5 at
+  1e-3 with the adjoint) per image, times ((C + A) / 66)^2;
+- the element-wise work, ELEMENT_WISE_S + ELEMENT_WISE_PER_CHANNEL_S * (C + A): the solver's
+  and the norms' operations over the state, and Python's dispatch per function evaluation.
+  It shrinks with the width only linearly, so it is most of an epoch at small widths; it
+  grows with the pixels (a width-8 epoch at stride 1 took 3.7 times one at stride 2) and not
+  with the batch size (batch 64 and 128 took the same time per image at width 8). It is the
+  ODE models' (about 70 function evaluations per image); the ResNets' was not measured and
+  is left out.
 
 Both scale with T_n for the ODE models (function evaluations grow as T_n^0.35, a fit to this
 project's one-at-a-time run of T_n = 1, 2, 5, 10: FNFE + BNFE 69, 86, 122, 153; width 8,
-3 seeds, README "Two designs"; not a law: adaptive solvers take what the dynamics ask), with
+3 seeds, README "Two designs"; the same sweep's epochs at T_n = 2, 5, 10 took 1.23, 1.72 and
+2.18 times T_n = 1; not a law: adaptive solvers take what the dynamics ask), with
 resnet-large's three blocks against resnet-small's one, and with the training solve (adjoint,
 solver, step size, regulariser weights, e.g. `--recipe fast`): the measured lever with those
 settings, as its epoch time over the default's on the same device; a combination that was
 not measured is not estimated.
 
-SWEEP_S, TRIAL_S and OVERHEAD_SHARE were calibrated on sweeps at widths 8, 16 and 32 on the
-2-core CPU of BENCHMARKS.md (its section "What a sweep costs"), two trials at a time (what
---smoke runs): on the CPU the estimate is the wall time of such a sweep. The GPU's fixed
-costs and overhead share were not measured: its figure is the CPU's fixed costs plus its
-measured width-64 epoch scaled by the convolutions alone, a lower bound at small widths.
+The element-wise part was fitted (least squares, what the convolutions leave) to the epoch
+times of sweeps at widths 8, 16 and 32, and SWEEP_S and TRIAL_S to their wall times, on an
+idle 2-core CPU, two trials at a time, one thread each (BENCHMARKS.md, "What a sweep costs"):
+on the CPU the estimate is the wall time of such a sweep. Width 64 was not swept: there the
+estimate extrapolates, and errs long (the benchmark's epoch already holds some of the
+element-wise work). The GPU's
+fixed costs and element-wise part were not measured: its figure is the CPU's fixed costs plus
+its measured width-64 epoch scaled by the convolutions alone, a lower bound at small widths.
 The complex models were not measured: their cost is not estimated (said so, not guessed).
-Trial-epochs are an upper bound: early stopping (--patience) ends trials sooner.
+Trial-epochs are an upper bound: early stopping (--patience, ASHA) ends trials sooner.
 """
 
 from __future__ import annotations
@@ -47,14 +56,16 @@ from odenet.config import FIXED_STEP_SOLVERS, RunConfig
 from odenet.data import IMAGE_SHAPE, TEST_IMAGES, TRAIN_IMAGES
 from odenet.evaluate import REEVALUATION_SOLVERS
 
-# What the benchmark measured: images per epoch, block state C + A, block side, batch size.
-MEASURED_IMAGES, MEASURED_STATE, MEASURED_SIDE, MEASURED_BATCH = 2048, 66, 14, 128
+# What the benchmark measured: images per epoch, block state C + A, block side.
+MEASURED_IMAGES, MEASURED_STATE, MEASURED_SIDE = 2048, 66, 14
 T_EXPONENT = 0.35
 # Calibrated (module docstring; BENCHMARKS.md "What a sweep costs"): seconds of a sweep and of
-# a trial that no epoch explains, and the part of the measured CPU epoch that the width leaves.
+# a trial that no epoch explains, and device-seconds per training image (14x14 pixels, T_n = 1)
+# of the element-wise work, fixed and per channel of the state C + A.
 SWEEP_S = 10.0
-TRIAL_S = 4.0
-OVERHEAD_SHARE = {"cpu": 0.05}
+TRIAL_S = 5.0
+ELEMENT_WISE_S = {"cpu": 5.05e-4}
+ELEMENT_WISE_PER_CHANNEL_S = {"cpu": 1.077e-4}
 # A test image's forward pass against a training image's forward and backward (twice a forward).
 FORWARD_SHARE = 1 / 3
 # Which measured model an unmeasured simple model scales from, and by how many blocks.
@@ -151,11 +162,13 @@ def image_cost(config: RunConfig, device: str, measured: Measured) -> float | No
             if solve is None:
                 return None
         solve *= float(config.final_time) ** T_EXPONENT
-    side = math.ceil(IMAGE_SHAPE[config.dataset][-1] / (config.stride or 1))
-    convolutions = ((config.channels + config.augment_dims) / MEASURED_STATE) ** 2 * (side / MEASURED_SIDE) ** 2
-    overhead = OVERHEAD_SHARE.get(device, 0.0)
-    share = overhead * MEASURED_BATCH / config.batch_size + (1 - overhead) * convolutions
-    return measured.epoch_s[device][family] / MEASURED_IMAGES * share * blocks * solve
+    pixels = (math.ceil(IMAGE_SHAPE[config.dataset][-1] / (config.stride or 1)) / MEASURED_SIDE) ** 2
+    state = config.channels + config.augment_dims
+    convolutions = measured.epoch_s[device][family] / MEASURED_IMAGES * (state / MEASURED_STATE) ** 2
+    # the element-wise part is the ODE block's, per function evaluation; a ResNet block runs once
+    # per image, so its part was too small to fit and is left out (a lower bound at small widths)
+    element_wise = ELEMENT_WISE_S.get(device, 0.0) + ELEMENT_WISE_PER_CHANNEL_S.get(device, 0.0) * state
+    return (convolutions + (element_wise if config.is_ode else 0.0)) * pixels * blocks * solve
 
 
 def trial_s(config: RunConfig, epochs: float, device: str, measured: Measured) -> float | None:

@@ -43,34 +43,45 @@ def test_designed_trials_are_every_cell_and_their_hours_the_measured_epochs(caps
     out = printed(architecture_ablation, ["--design", "one-at-a-time", "--dimensions", "stride,final_time",
                                           "--seeds", "2", "--max-epochs", "3"], capsys)
     assert "trials: 10" in out and "trial-epochs: at most 30 " in out
-    # at the benchmark's own sizes (2048 images, width 64, batch 128) an epoch costs exactly what
-    # BENCHMARKS.md measured; a test pass over 512 images a third of a quarter epoch; and the fixed
-    # costs of the sweep and of each trial come on top
+    # at the benchmark's own sizes (2048 images, width 64, batch 128) an epoch costs what
+    # BENCHMARKS.md measured plus, for the ODE model, the element-wise part at C + A = 66; a test
+    # pass over 512 images a third of a quarter epoch; and the fixed costs of the sweep and of
+    # each trial come on top
     measured = estimate.Measured.read().epoch_s
     out = printed(parameter_efficiency, ["--models", "odenet-simple,resnet-small", "--datasets", "fashion-mnist",
                                          "--seeds", "2", "--max-epochs", "4", "--subset", "2048", "--test-subset",
                                          "512", "--no-reevaluate"], capsys)
     assert "trials: 4" in out and "trial-epochs: at most 16 " in out
     for device, label in (("cpu", "CPU"), ("cuda", "GPU")):
-        epochs = {model: 4 + 1 / 4 / 3 for model in ("odenet-simple", "resnet-small")}
-        seconds = estimate.SWEEP_S + 2 * sum(estimate.TRIAL_S + n * measured[device][model]
-                                             for model, n in epochs.items())
+        epochs = 4 + 1 / 4 / 3
+        element_wise = (estimate.ELEMENT_WISE_S.get(device, 0.0)
+                        + 66 * estimate.ELEMENT_WISE_PER_CHANNEL_S.get(device, 0.0))
+        epoch_s = {"odenet-simple": measured[device]["odenet-simple"] + 2048 * element_wise,
+                   "resnet-small": measured[device]["resnet-small"]}
+        seconds = estimate.SWEEP_S + 2 * sum(estimate.TRIAL_S + epochs * s for s in epoch_s.values())
         assert number(label + r"[^:]*: ([\d.,]+) device-hours", out) == pytest.approx(seconds / 3600, rel=5e-3)
 
 
-def test_small_widths_cost_what_their_batches_cost_not_only_their_convolutions(capsys, tmp_path, monkeypatch):
+def test_small_widths_cost_their_element_wise_work_and_every_part_grows_with_the_pixels(capsys, tmp_path,
+                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["--models", "odenet-simple", "--datasets", "fashion-mnist", "--seeds", "1", "--max-epochs", "100",
             "--subset", "2048", "--test-subset", "1", "--no-reevaluate"]
-    hours = {width: number(r"CPU[^:]*: ([\d.,]+) device-hours", printed(parameter_efficiency,
-                                                                         [*argv, "--width", str(width)], capsys))
-             for width in (8, 64)}
+    hours = {(width, stride): number(r"CPU[^:]*: ([\d.,]+) device-hours", printed(
+        parameter_efficiency, [*argv, "--width", str(width), "--stride", str(stride)], capsys))
+        for width, stride in ((8, 2), (64, 2), (8, 1))}
     epoch_64 = estimate.Measured.read().epoch_s["cpu"]["odenet-simple"]
-    # width 8: the overhead share of the measured epoch, plus its convolutions at (10/66)^2
-    share = estimate.OVERHEAD_SHARE["cpu"] + (1 - estimate.OVERHEAD_SHARE["cpu"]) * (10 / 66) ** 2
+
+    def element_wise(state: int) -> float:
+        return 2048 * (estimate.ELEMENT_WISE_S["cpu"] + state * estimate.ELEMENT_WISE_PER_CHANNEL_S["cpu"])
+
     fixed = estimate.SWEEP_S + estimate.TRIAL_S
-    assert hours[8] * 3600 == pytest.approx(fixed + 100 * epoch_64 * share, rel=1e-2)
-    assert hours[64] * 3600 == pytest.approx(fixed + 100 * epoch_64, rel=1e-2)
+    # width 8 (C + A = 10): the element-wise part at 10 channels, plus the convolutions at (10/66)^2
+    assert hours[8, 2] * 3600 == pytest.approx(fixed + 100 * (element_wise(10) + epoch_64 * (10 / 66) ** 2),
+                                               rel=1e-2)
+    assert hours[64, 2] * 3600 == pytest.approx(fixed + 100 * (element_wise(66) + epoch_64), rel=1e-2)
+    # stride 1: a 28x28 block against 14x14, four times the pixels for both parts
+    assert (hours[8, 1] * 3600 - fixed) == pytest.approx(4 * (hours[8, 2] * 3600 - fixed), rel=1e-2)
 
 
 def test_unmeasured_models_are_said_not_estimated(capsys, tmp_path, monkeypatch):
