@@ -24,10 +24,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import hcl2
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -1091,15 +1093,17 @@ def port_matches(rule_ports: list | None, port: int, target: dict, protocol: str
     return False
 
 
-def allows(direction: str, pod: dict, other: dict, port: int, target: dict, protocol: str = "TCP") -> bool:
-    """Whether the NetworkPolicies of k8s/ let `pod` send to `other` (direction Egress) or
-    receive from it (Ingress), on `port` of `target`. Pods of other namespaces, and
-    addresses outside the cluster, are not restricted by them."""
+def allows(direction: str, pod: dict, other: dict, port: int, target: dict, protocol: str = "TCP",
+           extra_policies: tuple[dict, ...] = ()) -> bool:
+    """Whether the NetworkPolicies of k8s/ (and `extra_policies`: those infra/terraform
+    adds on AWS) let `pod` send to `other` (direction Egress) or receive from it
+    (Ingress), on `port` of `target`. Pods of other namespaces, and addresses outside
+    the cluster, are not restricted by them."""
     if pod.get("namespace") != NAMESPACE:
         return True
     peers = "to" if direction == "Egress" else "from"
     policies = [
-        policy for policy in objects("NetworkPolicy")
+        policy for policy in [*objects("NetworkPolicy"), *extra_policies]
         if selects(policy["spec"]["podSelector"], pod["labels"])
         and direction in policy["spec"].get("policyTypes", ["Ingress"])
     ]
@@ -1253,23 +1257,41 @@ NEEDED_EGRESS = {
     "rayjob-worker": {("mlflow", 5000), ("seaweedfs", 8333), *RAY_PEERS},
     "ray-job-submitter": {("ray-head", 8265), ("rayjob-head", 8265)},
 }
+#: On AWS (infra/terraform/egress.tf) the pods that use the bucket also reach S3 and
+#: the Pod Identity agent; which pods those are is test_on_aws_the_pods_with_a_role_reach_s3's.
+AWS_EGRESS = {("s3", 443), ("pod-identity-agent", 80)}
 DESTINATIONS = [
     *((role, port) for role in ("postgres", "seaweedfs", "mlflow") for port in (5432, 8333, 5000, 9333)),
     *RAY_PEERS, ("api-server", 443), ("internet", 443), ("internet", 80), ("kube-dns", 53),
+    ("s3", 443), ("s3", 80), ("pod-identity-agent", 80), ("pod-identity-agent", 443), ("instance-metadata", 80),
 ]
-OUTSIDE = {"api-server": API_SERVER, "internet": INTERNET, "kube-dns": KUBE_DNS}
+#: What the S3 prefix list holds in these tests (documentation ranges, planted in
+#: place of the addresses AWS gives terraform).
+S3_PREFIX_LIST = ("192.0.2.0/25", "198.51.100.0/24")
+OUTSIDE = {
+    "api-server": API_SERVER, "internet": INTERNET, "kube-dns": KUBE_DNS,
+    "s3": address("s3", "198.51.100.20"),
+    "pod-identity-agent": address("pod-identity-agent", "169.254.170.23"),
+    # The node's own credentials: no pod may take them instead of its role's.
+    "instance-metadata": address("instance-metadata", "169.254.169.254"),
+}
 
 
 def destination(role: str) -> dict:
     return OUTSIDE.get(role) or in_namespace(role)
 
 
+def egress_of(role: str, extra_policies: tuple[dict, ...] = ()) -> set[tuple[str, int]]:
+    """The DESTINATIONS the policies let `role`'s pods send to."""
+    source = in_namespace(role)
+    return {(name, port) for name, port in DESTINATIONS
+            if allows("Egress", source, destination(name), port, destination(name), extra_policies=extra_policies)}
+
+
 @pytest.mark.parametrize("role", sorted(NEEDED_EGRESS))
 def test_each_workload_may_send_exactly_where_it_needs(role):
     source = in_namespace(role)
-    sent = {(name, port) for name, port in DESTINATIONS
-            if allows("Egress", source, destination(name), port, destination(name))}
-    assert sent == NEEDED_EGRESS[role] | {("kube-dns", 53)}
+    assert egress_of(role) == NEEDED_EGRESS[role] | {("kube-dns", 53)}
     # Names resolve over UDP as well.
     assert allows("Egress", source, KUBE_DNS, 53, KUBE_DNS, "UDP")
     assert not allows("Egress", source, INTERNET, 53, INTERNET, "UDP")
@@ -1303,6 +1325,121 @@ def test_dashboard_exception_names_the_operator_namespace_terraform_uses():
     )
     assert match and match.group(1) == KUBERAY_OPERATOR_NAMESPACE
     assert KUBERAY_OPERATOR_NAMESPACE in (K8S / "10-network-policies.yaml").read_text()
+
+
+# --- On AWS: the way out to S3 (infra/terraform/egress.tf) --------------------------------
+
+EGRESS_TF = TERRAFORM / "egress.tf"
+
+
+def terraform_binary() -> str:
+    binary = os.environ.get("TERRAFORM_BIN") or shutil.which("terraform") or "/usr/local/bin/terraform"
+    if not Path(binary).is_file():
+        pytest.fail("terraform not found (PATH, /usr/local/bin/terraform or TERRAFORM_BIN)")
+    return binary
+
+
+@functools.cache
+def egress_locals() -> dict:
+    """The locals of egress.tf as Terraform itself evaluates them (`terraform console`
+    needs no provider for them: they read k8s/'s files)."""
+    [block] = re.findall(r"^locals \{\n.*?^\}\n", EGRESS_TF.read_text(), re.S | re.M)
+    names = re.findall(r"^  (\w+)\s*=", block, re.M)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "locals.tf").write_text(block.replace("${path.module}", str(TERRAFORM)))
+        completed = subprocess.run(
+            [terraform_binary(), "console"], cwd=folder, capture_output=True, text=True, timeout=120,
+            input="jsonencode({" + ", ".join(f"{name} = local.{name}" for name in names) + "})\n",
+        )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return json.loads(json.loads(completed.stdout))
+
+
+def egress_resources() -> dict:
+    """egress.tf's resources and data sources, as an HCL parser reads them:
+    {'resource kubernetes_network_policy_v1.bucket': body, ...}."""
+    parsed = hcl2.loads(EGRESS_TF.read_text())
+    return {
+        f"{kind} {type_.strip(chr(34))}.{name.strip(chr(34))}": body
+        for kind in ("resource", "data") for block in parsed.get(kind, [])
+        for type_, named in block.items() for name, body in named.items()
+    }
+
+
+def literal(value: str) -> str:
+    """An HCL string literal's text (the parser keeps its quotes)."""
+    assert re.fullmatch(r'"[^"$]*"', value), f"{value} is not a literal"
+    return value[1:-1]
+
+
+@functools.cache
+def aws_egress_policies() -> tuple[dict, ...]:
+    """The NetworkPolicies egress.tf makes, as Kubernetes objects, with S3's prefix list
+    holding S3_PREFIX_LIST: every field of the resource read and translated, so that
+    whatever it allows the policy model of this file sees."""
+    policy = egress_resources()["resource kubernetes_network_policy_v1.bucket"]
+    values = egress_locals()
+    assert policy["for_each"] == "${local.bucket_egress}"
+    [spec] = policy["spec"]
+    # The pods: those of the policy of k8s/ named by each.value, by its own selector.
+    [selector] = spec["pod_selector"]
+    own = "local.k8s_network_policies[each.value].spec.podSelector"
+    assert selector["match_labels"] == f'${{lookup({own}, "matchLabels", null)}}'
+    [[(name, expressions)]] = [d.items() for d in selector["dynamic"]]
+    assert name == '"match_expressions"' and expressions["for_each"] == f'${{lookup({own}, "matchExpressions", [])}}'
+    assert expressions["content"][0] | {"__is_block__": True} == {
+        "key": "${match_expressions.value.key}", "operator": "${match_expressions.value.operator}",
+        "values": "${match_expressions.value.values}", "__is_block__": True}
+    rules = []
+    for rule in spec["egress"]:
+        assert set(rule) <= {"to", "dynamic", "ports", "__is_block__"}, rule
+        peers = []
+        for dynamic in rule.get("dynamic", []):
+            [(name, block)] = dynamic.items()
+            assert name == '"to"' and block["for_each"] == "${data.aws_ec2_managed_prefix_list.s3.entries}"
+            assert block["content"][0]["ip_block"][0]["cidr"] == "${to.value.cidr}"
+            peers += [{"ipBlock": {"cidr": cidr}} for cidr in S3_PREFIX_LIST]
+        for peer in rule.get("to", []):
+            cidr = peer["ip_block"][0]["cidr"]
+            local = re.fullmatch(r"\$\{local\.(\w+)\}", cidr)
+            peers.append({"ipBlock": {"cidr": values[local.group(1)] if local else literal(cidr)}})
+        ports = [{"protocol": literal(p["protocol"]), "port": int(literal(p["port"]))} for p in rule.get("ports", [])]
+        rules.append({"to": peers, "ports": ports})
+    return tuple(
+        {"kind": "NetworkPolicy", "metadata": {"name": name, "namespace": NAMESPACE},
+         "spec": {"podSelector": values["k8s_network_policies"][ours]["spec"]["podSelector"],
+                  "policyTypes": [literal(t) for t in spec["policy_types"]], "egress": rules}}
+        for name, ours in values["bucket_egress"].items()
+    )
+
+
+@pytest.mark.parametrize("role", sorted(NEEDED_EGRESS))
+def test_on_aws_the_pods_with_a_role_reach_s3_and_nothing_more(role):
+    # The pods whose ServiceAccount irsa.tf binds to a role sign S3 requests; they, and
+    # only they, may reach S3's addresses on 443 and the Pod Identity agent on 80.
+    bound = {account for spec in terraform_identities().values() for account in spec["service_accounts"]}
+    uses_the_bucket = the_pod(role)["spec"].get("serviceAccountName") in bound
+    assert egress_of(role, aws_egress_policies()) == (
+        NEEDED_EGRESS[role] | {("kube-dns", 53)} | (AWS_EGRESS if uses_the_bucket else set())
+    )
+
+
+def test_on_aws_the_s3_policies_read_the_prefix_list_of_the_s3_endpoint_in_the_namespace_of_k8s():
+    found = egress_resources()
+    assert found["data aws_ec2_managed_prefix_list.s3"]["id"] == "${aws_vpc_endpoint.s3.prefix_list_id}"
+    endpoint = terraform_block('resource "aws_vpc_endpoint" "s3"')
+    assert re.search(r'service_name\s*=\s*"com\.amazonaws\.\$\{var\.region\}\.s3"', endpoint)
+    # A rule whose prefix list came back empty would have no `to`, which lets a pod out anywhere.
+    guards = [guard["condition"] for lifecycle in found["resource kubernetes_network_policy_v1.bucket"].get("lifecycle", [])
+              for guard in lifecycle.get("precondition", [])]
+    assert guards == ["${length(data.aws_ec2_managed_prefix_list.s3.entries) > 0}"], "no guard against an empty list"
+    # The namespace of k8s/, made as k8s/data/ makes it, holds them.
+    assert egress_locals()["namespace_manifest"] == the("Namespace", NAMESPACE)
+    [metadata] = found["resource kubernetes_namespace_v1.workloads"]["metadata"]
+    assert metadata["labels"] == "${local.namespace_manifest.metadata.labels}"
+    assert found["resource kubernetes_network_policy_v1.bucket"]["metadata"][0]["namespace"] == (
+        "${kubernetes_namespace_v1.workloads.metadata[0].name}"
+    )
 
 
 def terraform_map(text: str, name: str) -> str:
@@ -1434,11 +1571,8 @@ def test_every_checkov_skip_gives_its_reason(framework):
 
 
 def test_terraform_is_formatted():
-    binary = os.environ.get("TERRAFORM_BIN") or shutil.which("terraform") or "/usr/local/bin/terraform"
-    if not Path(binary).is_file():
-        pytest.fail("terraform not found (PATH, /usr/local/bin/terraform or TERRAFORM_BIN): cannot run fmt -check")
     completed = subprocess.run(
-        [binary, "fmt", "-check", "-diff", "-recursive", str(TERRAFORM)], capture_output=True, text=True, timeout=120
+        [terraform_binary(), "fmt", "-check", "-diff", "-recursive", str(TERRAFORM)], capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
