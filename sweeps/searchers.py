@@ -25,6 +25,10 @@ VAL_ACC = Objective("val_acc", MAX)  # HyperOpt's one objective, and Optuna's de
 STEP_SIZE, SOLVER = "step_size", "solver"
 # The Optuna study a sweep's searcher keeps (in memory, saved with Tune's searcher state).
 STUDY_NAME = "odenet"
+# The parent-run params that record a search's plan; `objectives` reads back with
+# odenet.objectives.parse ("val_acc:max,nfe:min"), in the searcher's order.
+SEARCHER_PARAM, OBJECTIVES_PARAM, SCHEDULER_PARAM, WARM_START_PARAM = (
+    "searcher", "objectives", "scheduler", "warm_start_from")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +64,12 @@ class Plan:
     def mode(self) -> str | list[str]:
         modes = [o.direction for o in self.objectives]
         return modes[0] if len(modes) == 1 else modes
+
+    def params(self) -> dict[str, str]:
+        """The plan as the sweep's parent run records it."""
+        recorded = {SEARCHER_PARAM: self.searcher, OBJECTIVES_PARAM: ",".join(map(str, self.objectives)),
+                    SCHEDULER_PARAM: self.scheduler}
+        return {**recorded, **({WARM_START_PARAM: self.warm_start_from} if self.warm_start_from else {})}
 
     def describe(self) -> str:
         """One line for the top of the output: which searcher, on what, and which scheduler and why."""
