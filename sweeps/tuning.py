@@ -149,9 +149,10 @@ SHORT_NAMES = {"activation_before": "act_before", "activation_inside": "act_insi
 PROGRESS_METRICS = {"epoch": "epoch", "val_acc": "val_acc", "fnfe": "fnfe", "bnfe": "bnfe"}
 
 
-def progress(space: dict[str, Dimension], designed: bool, objectives: Sequence[Objective]) -> tune.CLIReporter:
+def progress(space: dict[str, Dimension], designed: bool, objectives: Sequence[Objective],
+             ranked: bool = True) -> tune.CLIReporter:
     """The live table: the settings that differ between trials, the epoch, val_acc, FNFE/BNFE, the
-    searcher's other objectives, state."""
+    searcher's other objectives, state; with `ranked`, Tune's "current best trial" line above it."""
     if designed:
         columns = {"cell/tags/ablated_dimension": "ablated", "cell/tags/ablated_value": "value",
                    "cell/settings/seed": "seed"}
@@ -159,8 +160,10 @@ def progress(space: dict[str, Dimension], designed: bool, objectives: Sequence[O
         columns = {name: SHORT_NAMES.get(name, name) for name, dim in space.items()
                    if len(dim.values) > 1 or dim.kind not in ("choice", "grid")}
     metrics = {**PROGRESS_METRICS, **{o.name: o.name for o in objectives}, "trial_status": "state"}
-    return Progress(parameter_columns=columns, metric_columns=metrics, max_column_length=10,
-                    max_report_frequency=PROGRESS_EVERY_S, sort_by_metric=False)
+    table = Progress(parameter_columns=columns, metric_columns=metrics, max_column_length=10,
+                     max_report_frequency=PROGRESS_EVERY_S, sort_by_metric=False)
+    table.ranked = ranked
+    return table
 
 
 # The progress table is printed at most this often, and only when a trial's state or epoch changed.
@@ -172,6 +175,11 @@ class Progress(tune.CLIReporter):
     reported an epoch (Tune's own prints the same table every interval)."""
 
     _shown: tuple = ()
+    ranked = True  # print Tune's "current best trial" line
+
+    def set_search_properties(self, metric, mode) -> bool:
+        # Without Tune's metric the table has no "current best trial" line.
+        return super().set_search_properties(metric, mode) if self.ranked else True
 
     def should_report(self, trials, done: bool = False) -> bool:
         state = tuple((t.trial_id, t.status, (t.last_result or {}).get("epoch"),
@@ -285,6 +293,10 @@ class Sweep:
     max_concurrent: int
     max_failures: int
     objectives: Sequence[Objective] = DEFAULT_OBJECTIVES  # the searcher's; Tune's metric is the first
+    # Whether the progress table names a best trial: not for an Optuna search, whose several
+    # objectives have no one best, and whose trials may lack the conditional step_size that
+    # Tune's best-trial line looks up (and fails on).
+    ranked: bool = True
 
     def fit(self, param_space: dict[str, Any], search_alg=None, scheduler=None):
         """Run the sweep, the unfinished one restored where it stopped or a new Tuner over
@@ -320,7 +332,7 @@ class Sweep:
             sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[CloseTrialRuns(self.experiment)],
-            progress_reporter=progress(self.space, self.designed, self.objectives),
+            progress_reporter=progress(self.space, self.designed, self.objectives, self.ranked),
             verbose=1,
         )
 
@@ -382,7 +394,7 @@ def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]
                  where=where, restoring=restoring, parent_run_id=parent,
                  trainable=tune.with_resources(trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}),
                  num_samples=num_samples, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-                 objectives=objectives)
+                 objectives=objectives, ranked=plan is None or plan.searcher == searchers.HYPEROPT)
 
 
 def with_data(base: RunConfig, on_cluster: bool) -> RunConfig:
