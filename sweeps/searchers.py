@@ -244,8 +244,20 @@ def searcher(chosen: Plan, space: dict[str, Dimension], base_solver: str, seed: 
     known = [trial.params for trial in warm]
     fresh = [p for p in (conditional(point, base_solver) for point in points) if p not in known]
     return OptunaSearch(ConditionalSpace(space, base_solver), metric=chosen.metric, mode=chosen.mode,
-                        points_to_evaluate=fresh or None, sampler=optuna.samplers.TPESampler(seed=seed),
+                        points_to_evaluate=fresh or None,
+                        sampler=optuna.samplers.TPESampler(seed=sampler_seed(seed, warm)),
                         study_name=STUDY_NAME, storage=storage)
+
+
+def sampler_seed(seed: int, warm: Sequence) -> int:
+    """The TPE sampler's seed: --searcher-seed, moved to another stream by a warm start. TPE's first
+    proposals are random draws from its seed whatever the study holds, so the earlier sweep's seed
+    would propose the earlier sweep's points again, and they would train twice."""
+    if not warm:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, len(warm)]).generate_state(1)[0])
 
 
 def scheduler(chosen: Plan, max_epochs: int, grace_period: int, reduction_factor: float):
