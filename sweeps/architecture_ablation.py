@@ -4,8 +4,9 @@ Two designs, one space. --design search (the default): HyperOptSearch (seeded wi
 study's own settings) proposes trials and the ASHA scheduler stops the unpromising ones
 early: it finds good settings. --searcher optuna --objectives val_acc:max,epoch_time:min
 weighs cost against accuracy instead (Optuna's TPE, every trial to early stopping), and
---warm-start-from EXPERIMENT tells it an earlier sweep's results first (sweeps/searchers.py). --design one-at-a-time: from a base setting (the study's,
---base-file, or --base-from-experiment of a search), each dimension varies alone over its
+--warm-start-from EXPERIMENT tells it an earlier sweep's results first (sweeps/searchers.py).
+--design one-at-a-time: from a base setting (the study's, --base-file, or
+--base-from-experiment of a search), each dimension varies alone over its
 values, every cell over --seeds seeds, every trial to early stopping: it measures each
 setting's effect, with intervals (`odenet report`). Every trial is an MLflow child run of
 the sweep's parent run. Run it on a Ray cluster or on this machine:
