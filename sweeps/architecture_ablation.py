@@ -2,8 +2,11 @@
 
 Two designs, one space. --design search (the default): HyperOptSearch (seeded with the
 study's own settings) proposes trials and the ASHA scheduler stops the unpromising ones
-early: it finds good settings. --design one-at-a-time: from a base setting (the study's,
---base-file, or --base-from-experiment of a search), each dimension varies alone over its
+early: it finds good settings. --searcher optuna --objectives val_acc:max,epoch_time:min
+weighs cost against accuracy instead (Optuna's TPE, every trial to early stopping), and
+--warm-start-from EXPERIMENT tells it an earlier sweep's results first (sweeps/searchers.py).
+--design one-at-a-time: from a base setting (the study's, --base-file, or
+--base-from-experiment of a search), each dimension varies alone over its
 values, every cell over --seeds seeds, every trial to early stopping: it measures each
 setting's effect, with intervals (`odenet report`). Every trial is an MLflow child run of
 the sweep's parent run. Run it on a Ray cluster or on this machine:
@@ -25,13 +28,11 @@ import sys
 from typing import Sequence
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.hyperopt import HyperOptSearch
 
 from odenet.config import STEM_SETTINGS, RunConfig
 from odenet.report import ONE_AT_A_TIME, SEARCH
-from sweeps import designs, estimate, tuning
+from sweeps import designs, estimate, searchers, tuning
 from sweeps.space import (Dimension, SweepError, build_space, choice, complete_point, load_points, loguniform,
                           point_problem)
 
@@ -51,7 +52,8 @@ SEARCH_SPACE = {
 }
 
 # --speed-levers: the levers of BENCHMARKS.md that change results, as searched dimensions,
-# so the searcher weighs a cheaper training solve against accuracy. Trials validate and
+# so that a searcher given a cost objective (--searcher optuna --objectives
+# val_acc:max,epoch_time:min) weighs a cheaper training solve against accuracy. Trials validate and
 # test with dopri5 at the study's tolerance whatever they train with (eval_solver), so
 # val_acc and test_acc stay comparable across trials; step_size matters to rk4 and euler only.
 SPEED_SPACE = {
@@ -81,26 +83,29 @@ SMOKE_DIMENSIONS = "activation_before"
 
 
 def architecture_ablation(argv: Sequence[str] | None = None):
-    """The search: HyperOptSearch behind a ConcurrencyLimiter, ASHA over epochs (or the one-at-a-time design)."""
-    args, base, space, points = prepare(argv)
+    """The search: the plan's searcher (sweeps/searchers.py) behind a ConcurrencyLimiter and its
+    scheduler, ASHA over epochs or FIFO (or the one-at-a-time design)."""
+    args, base, space, points, chosen = prepare(argv)
     if args.design == ONE_AT_A_TIME:
         return one_at_a_time(args, base, space)
+    print(chosen.describe(), flush=True)
     epochs = None  # FIFO: every trial to max_epochs (or early stopping)
-    if args.scheduler == "asha":
+    if chosen.scheduler == searchers.ASHA:
         epochs = estimate.asha_epochs(args.num_samples, base.max_epochs, args.grace_period,
                                       args.reduction_factor) / max(args.num_samples, 1)
-    sweep = tuning.start(args, base, space, PROGRAM, searched_epochs=epochs)
+    # The earlier sweep is read before Ray starts, so that a bad one stops the sweep at once
+    # (--estimate needs no tracking server, and the earlier results change no cost).
+    warm = () if args.estimate or not chosen.warm_start_from else searchers.warm_trials(
+        chosen.warm_start_from, space, base.solver, chosen.objectives)
+    sweep = tuning.start(args, base, space, PROGRAM, searched_epochs=epochs, plan=chosen)
     if sweep is None:  # --estimate printed the cost
         return None
-    searcher = ConcurrencyLimiter(
-        HyperOptSearch(points_to_evaluate=points or None, random_state_seed=args.searcher_seed),
-        max_concurrent=args.max_concurrent)
-    # max_t beyond the last epoch: ASHA stops trials between rungs, while a trial that
-    # reaches max_epochs ends by itself and still evaluates on the test set.
-    scheduler = None if args.scheduler == "fifo" else ASHAScheduler(
-        time_attr="epoch", max_t=base.max_epochs + 1, grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor)
-    return sweep.fit({name: dim.to_tune() for name, dim in space.items()}, searcher, scheduler)
+    searcher = ConcurrencyLimiter(searchers.searcher(chosen, space, base.solver, args.searcher_seed, points, warm),
+                                  max_concurrent=args.max_concurrent)
+    scheduler = searchers.scheduler(chosen, base.max_epochs, args.grace_period, args.reduction_factor)
+    # Optuna's define-by-run space is its own: Tune's param_space must not search it again.
+    param_space = {} if chosen.searcher == searchers.OPTUNA else {name: dim.to_tune() for name, dim in space.items()}
+    return sweep.fit(param_space, searcher, scheduler)
 
 
 def one_at_a_time(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]):
@@ -139,9 +144,10 @@ def first_points(space: dict[str, Dimension], given: list[dict]) -> list[dict]:
     return points
 
 
-def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig, dict[str, Dimension], list[dict]]:
-    """The flags, the trials' base config, the space and the searcher's first points; every
-    problem with them reported before Ray starts."""
+def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig, dict[str, Dimension], list[dict],
+                                               searchers.Plan | None]:
+    """The flags, the trials' base config, the space, the searcher's first points and the search's
+    plan (None for the one-at-a-time design); every problem with them reported before Ray starts."""
     args, base = parse_args(argv)
     declared = SEARCH_SPACE
     if args.speed_levers:
@@ -154,7 +160,7 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig, 
         declared = {k: v for k, v in declared.items() if k not in STEM_SETTINGS}
     space = build_space(declared, args.space_file, args.space)
     points = first_points(space, load_points(args.points_file, space))
-    errors = []
+    errors, chosen = [], None
     if args.grace_period < 1:
         errors.append(f"--grace-period {args.grace_period}: expected at least 1")
     if args.reduction_factor <= 1:
@@ -165,11 +171,23 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig, 
                                           ("--base-from-experiment", args.base_from_experiment)) if value is not None]
         if given:
             errors.append(f"{', '.join(given)}: only for --design one-at-a-time")
-    elif args.seeds is not None and args.seeds < 1:
-        errors.append(f"--seeds {args.seeds}: expected at least 1")
+        try:
+            chosen = searchers.plan(args.searcher, args.objectives, args.scheduler, args.warm_start_from)
+        except SweepError as exc:
+            errors += exc.errors
+        if args.searcher == searchers.OPTUNA:
+            errors += searchers.optuna_space_problems(space)
+    else:
+        searching = [flag for flag, given in (("--searcher optuna", args.searcher == searchers.OPTUNA),
+                                              ("--objectives", args.objectives is not None),
+                                              ("--warm-start-from", args.warm_start_from is not None)) if given]
+        if searching:
+            errors.append(f"{', '.join(searching)}: only for --design search (a design has no searcher)")
+        if args.seeds is not None and args.seeds < 1:
+            errors.append(f"--seeds {args.seeds}: expected at least 1")
     if errors:
         raise SweepError(errors)
-    return args, base, space, points
+    return args, base, space, points, chosen
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfig]:
@@ -179,10 +197,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, RunConfi
                         help="search: HyperOptSearch + ASHA over the whole space, to find good settings (default); "
                              "one-at-a-time: vary one dimension at a time from a base over --seeds seeds, "
                              "to measure each setting's effect with intervals")
+    searchers.add_arguments(parser)
     asha = parser.add_argument_group("search: ASHA scheduler (over epochs; max epochs is --max-epochs)")
-    asha.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+    asha.add_argument("--scheduler", choices=(searchers.ASHA, searchers.FIFO),
                       help="asha stops unpromising trials early; fifo trains every trial to early stopping "
-                           "(default: asha)")
+                           "(default: asha with one objective, fifo with several)")
     asha.add_argument("--grace-period", type=int, default=2, help="epochs before a trial may be stopped (default: 2)")
     asha.add_argument("--reduction-factor", type=float, default=2, help="keep 1 in this many at each rung (default: 2)")
     oat = parser.add_argument_group("one-at-a-time design")

@@ -25,6 +25,10 @@ VAL_ACC = Objective("val_acc", MAX)  # HyperOpt's one objective, and Optuna's de
 STEP_SIZE, SOLVER = "step_size", "solver"
 # The Optuna study a sweep's searcher keeps (in memory, saved with Tune's searcher state).
 STUDY_NAME = "odenet"
+# The parent-run params that record a search's plan; `objectives` reads back with
+# odenet.objectives.parse ("val_acc:max,nfe:min"), in the searcher's order.
+SEARCHER_PARAM, OBJECTIVES_PARAM, SCHEDULER_PARAM, WARM_START_PARAM = (
+    "searcher", "objectives", "scheduler", "warm_start_from")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +64,12 @@ class Plan:
     def mode(self) -> str | list[str]:
         modes = [o.direction for o in self.objectives]
         return modes[0] if len(modes) == 1 else modes
+
+    def params(self) -> dict[str, str]:
+        """The plan as the sweep's parent run records it."""
+        recorded = {SEARCHER_PARAM: self.searcher, OBJECTIVES_PARAM: ",".join(map(str, self.objectives)),
+                    SCHEDULER_PARAM: self.scheduler}
+        return {**recorded, **({WARM_START_PARAM: self.warm_start_from} if self.warm_start_from else {})}
 
     def describe(self) -> str:
         """One line for the top of the output: which searcher, on what, and which scheduler and why."""
@@ -234,8 +244,20 @@ def searcher(chosen: Plan, space: dict[str, Dimension], base_solver: str, seed: 
     known = [trial.params for trial in warm]
     fresh = [p for p in (conditional(point, base_solver) for point in points) if p not in known]
     return OptunaSearch(ConditionalSpace(space, base_solver), metric=chosen.metric, mode=chosen.mode,
-                        points_to_evaluate=fresh or None, sampler=optuna.samplers.TPESampler(seed=seed),
+                        points_to_evaluate=fresh or None,
+                        sampler=optuna.samplers.TPESampler(seed=sampler_seed(seed, warm)),
                         study_name=STUDY_NAME, storage=storage)
+
+
+def sampler_seed(seed: int, warm: Sequence) -> int:
+    """The TPE sampler's seed: --searcher-seed, moved to another stream by a warm start. TPE's first
+    proposals are random draws from its seed whatever the study holds, so the earlier sweep's seed
+    would propose the earlier sweep's points again, and they would train twice."""
+    if not warm:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, len(warm)]).generate_state(1)[0])
 
 
 def scheduler(chosen: Plan, max_epochs: int, grace_period: int, reduction_factor: float):

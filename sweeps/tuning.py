@@ -22,17 +22,19 @@ from ray import tune
 from odenet import envvars, sweep_record, tracking
 from odenet.config import ConfigError, RunConfig
 from odenet.failures import Diverged
+from odenet.models import build, parameter_counts
+from odenet.objectives import Objective, so_far, values
 from odenet.progress import OFF as NO_PROGRESS
 from odenet.progress import check as check_output_settings
 from odenet.tracker import IDENTITY_TAG, MlflowTracker
 from odenet.report import SEARCH
-from odenet.run import execute
-from sweeps import estimate, naming, places
+from odenet.run import execute, resumed
+from sweeps import estimate, naming, places, searchers
 from sweeps.space import Dimension, SweepError, check_cells, check_space, describe_space
 
-# The one place the sweep's objective is named: the searcher, the scheduler and the
-# results table all read it from here.
-METRIC, MODE = "val_acc", "max"
+# What a sweep's trials are measured on when its program names no searcher plan (the designs:
+# no searcher, no scheduler): the study's one objective.
+DEFAULT_OBJECTIVES = (searchers.VAL_ACC,)
 # How long a trial waits for its epoch metrics to reach MLflow before reporting the epoch to
 # Tune; longer than a healthy server needs, short enough not to stall training in an outage.
 METRICS_BEFORE_REPORT_S = 15.0
@@ -49,8 +51,11 @@ SYNC_PERIOD_S = 60
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], experiment: str, parent_run_id: str | None,
-              tags: dict[str, str]) -> None:
-    """A Tune trial: one odenet run, resumed from Tune's checkpoint when the trial restarts."""
+              tags: dict[str, str], objectives: Sequence[Objective] = DEFAULT_OBJECTIVES) -> None:
+    """A Tune trial: one odenet run, resumed from Tune's checkpoint when the trial restarts. Every
+    report holds every objective (odenet/objectives.py) so far: Tune requires the searcher's metrics
+    in each, and the report's Pareto front reads them; `objectives` are the searcher's, whose worst
+    values a diverged trial reports."""
     import torch
 
     context = tune.get_context()
@@ -59,7 +64,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], experiment: str, par
     settings, cell_tags = unpack_cell(params)
     config = RunConfig.from_dict(base).replace(**settings)
     with tempfile.TemporaryDirectory(prefix="odenet-trial-") as folder:
-        _trial_in(Path(folder), config, experiment, parent_run_id, {**tags, **cell_tags}, context)
+        _trial_in(Path(folder), config, experiment, parent_run_id, {**tags, **cell_tags}, context, objectives)
 
 
 def unpack_cell(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -73,10 +78,12 @@ def unpack_cell(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
 
 
 def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str | None, tags: dict[str, str],
-              context) -> None:
+              context, objectives: Sequence[Objective]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(work))
+    history = resumed(work)[1]  # the epochs trained before a restart: the objectives' means include them
+    params_total = parameter_counts(build(config))["params_total"]
     tracker = MlflowTracker(
         experiment, run_name=context.get_trial_name(), parent_run_id=parent_run_id,
         extra_tags={IDENTITY_TAG: context.get_trial_id(), "tune_trial_name": context.get_trial_name(),
@@ -86,19 +93,20 @@ def _trial_in(work: Path, config: RunConfig, experiment: str, parent_run_id: str
     def on_epoch(metrics) -> None:
         # ASHA may stop this process as soon as the epoch is reported: its MLflow metrics go first.
         tracker.sent(timeout_s=METRICS_BEFORE_REPORT_S)
-        tune.report({**metrics.as_dict(), "trial_status": "RUNNING"},
+        history.append(metrics.as_dict())
+        tune.report({**metrics.as_dict(), **so_far(history, params_total), "trial_status": "RUNNING"},
                     checkpoint=tune.Checkpoint.from_directory(str(work)))
 
     try:
         outcome = execute(config, checkpoint_dir=work, tracker=tracker, on_epoch=on_epoch)
     except Diverged as exc:
-        # Ending normally keeps Tune from retrying a trial that would diverge again; the
-        # worst value of the metric tells the searcher this point failed.
-        tune.report({"epoch": exc.epoch, METRIC: 0.0, "trial_status": "DIVERGED", "failure_cause": exc.cause,
-                     "failure_detail": exc.detail[:500]})
+        # Ending normally keeps Tune from retrying a trial that would diverge again; each
+        # objective's worst value tells the searcher this point failed.
+        tune.report({"epoch": exc.epoch, **{o.name: o.worst for o in objectives}, "trial_status": "DIVERGED",
+                     "failure_cause": exc.cause, "failure_detail": exc.detail[:500]})
         return
-    last = outcome.fitted.history[-1].as_dict() if outcome.fitted.history else {}
-    tune.report({**last, **outcome.final_metrics(), "trial_status": "FINISHED"})
+    last = {**(outcome.fitted.history[-1].as_dict() if outcome.fitted.history else {}), **outcome.final_metrics()}
+    tune.report({**last, **values(last), "trial_status": "FINISHED"})
 
 
 def worker_env() -> dict[str, str]:
@@ -138,19 +146,24 @@ class CloseTrialRuns(tune.Callback):
 SHORT_NAMES = {"activation_before": "act_before", "activation_inside": "act_inside", "stride": "stride",
                "final_time": "T_n", "norm": "norm", "augment_dims": "A", "lr": "lr", "weight_decay": "wd",
                "optimizer": "opt", "model": "model", "dataset": "data", "seed": "seed"}
-PROGRESS_METRICS = {"epoch": "epoch", METRIC: METRIC, "fnfe": "fnfe", "bnfe": "bnfe", "trial_status": "state"}
+PROGRESS_METRICS = {"epoch": "epoch", "val_acc": "val_acc", "fnfe": "fnfe", "bnfe": "bnfe"}
 
 
-def progress(space: dict[str, Dimension], designed: bool) -> tune.CLIReporter:
-    """The live table: the settings that differ between trials, the epoch, val_acc, FNFE/BNFE, state."""
+def progress(space: dict[str, Dimension], designed: bool, objectives: Sequence[Objective],
+             ranked: bool = True) -> tune.CLIReporter:
+    """The live table: the settings that differ between trials, the epoch, val_acc, FNFE/BNFE, the
+    searcher's other objectives, state; with `ranked`, Tune's "current best trial" line above it."""
     if designed:
         columns = {"cell/tags/ablated_dimension": "ablated", "cell/tags/ablated_value": "value",
                    "cell/settings/seed": "seed"}
     else:
         columns = {name: SHORT_NAMES.get(name, name) for name, dim in space.items()
                    if len(dim.values) > 1 or dim.kind not in ("choice", "grid")}
-    return Progress(parameter_columns=columns, metric_columns=PROGRESS_METRICS, max_column_length=10,
-                    max_report_frequency=PROGRESS_EVERY_S, sort_by_metric=False)
+    metrics = {**PROGRESS_METRICS, **{o.name: o.name for o in objectives}, "trial_status": "state"}
+    table = Progress(parameter_columns=columns, metric_columns=metrics, max_column_length=10,
+                     max_report_frequency=PROGRESS_EVERY_S, sort_by_metric=False)
+    table.ranked = ranked
+    return table
 
 
 # The progress table is printed at most this often, and only when a trial's state or epoch changed.
@@ -162,6 +175,11 @@ class Progress(tune.CLIReporter):
     reported an epoch (Tune's own prints the same table every interval)."""
 
     _shown: tuple = ()
+    ranked = True  # print Tune's "current best trial" line
+
+    def set_search_properties(self, metric, mode) -> bool:
+        # Without Tune's metric the table has no "current best trial" line.
+        return super().set_search_properties(metric, mode) if self.ranked else True
 
     def should_report(self, trials, done: bool = False) -> bool:
         state = tuple((t.trial_id, t.status, (t.last_result or {}).get("epoch"),
@@ -274,6 +292,11 @@ class Sweep:
     num_samples: int
     max_concurrent: int
     max_failures: int
+    objectives: Sequence[Objective] = DEFAULT_OBJECTIVES  # the searcher's; Tune's metric is the first
+    # Whether the progress table names a best trial: not for an Optuna search, whose several
+    # objectives have no one best, and whose trials may lack the conditional step_size that
+    # Tune's best-trial line looks up (and fails on).
+    ranked: bool = True
 
     def fit(self, param_space: dict[str, Any], search_alg=None, scheduler=None):
         """Run the sweep, the unfinished one restored where it stopped or a new Tuner over
@@ -288,8 +311,11 @@ class Sweep:
         return self.finish(tuner.fit())
 
     def _tune_config(self, search_alg, scheduler) -> tune.TuneConfig:
-        """The objective, the program's searcher and scheduler, and how many trials run, how many at once."""
-        return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
+        """The objective, the program's searcher and scheduler, and how many trials run, how many at once.
+        Tune's metric is one name: the first objective (ASHA's, with one); a searcher of several
+        objectives holds them all itself."""
+        first = self.objectives[0]
+        return tune.TuneConfig(metric=first.name, mode=first.direction, search_alg=search_alg, scheduler=scheduler,
                                num_samples=self.num_samples, max_concurrent_trials=self.max_concurrent,
                                # short trial names and folders: the settings are in the table and in
                                # MLflow, not in the name
@@ -306,7 +332,7 @@ class Sweep:
             sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[CloseTrialRuns(self.experiment)],
-            progress_reporter=progress(self.space, self.designed),
+            progress_reporter=progress(self.space, self.designed, self.objectives, self.ranked),
             verbose=1,
         )
 
@@ -324,12 +350,13 @@ class Sweep:
 def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension], program: str, *,
           design: str = SEARCH, cells: list[dict[str, Any]] | None = None, num_samples: int | None = None,
           columns: Sequence[str] = (), parent_params: dict[str, str] | None = None,
-          searched_epochs: float | None = None) -> Sweep | None:
+          searched_epochs: float | None = None, plan: searchers.Plan | None = None) -> Sweep | None:
     """Check everything, then start the sweep (a new one or the unfinished one named again); with
     --estimate, print what it would cost instead and return None. `cells`: a designed list of
     trials (sweeps/designs.py) over `space`; `num_samples`: 1 where a grid lists every trial
     (default: --num-samples); `searched_epochs`: the mean epochs of a searched trial under the
-    program's scheduler, for --estimate (default: max_epochs)."""
+    program's scheduler, for --estimate (default: max_epochs); `plan`: a search's searcher, objectives
+    and scheduler (sweeps/searchers.py), recorded on the parent run and reported by every trial."""
     on_cluster = bool(os.environ.get(envvars.RAY_ADDRESS))
     errors = check_cells(cells, base) if cells is not None else check_space(space, base)
     errors += check_resources(args, on_cluster)
@@ -358,14 +385,16 @@ def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]
         print("no GPU in the cluster yet: trials wait for the autoscaler to add GPU workers", flush=True)
     params = {"program": program, "design": design, "search_space": describe_space(space),
               "base_config": json.dumps(base.to_dict()), "num_samples": str(num_samples),
-              "storage_path": where.storage_path, **(parent_params or {})}
+              "storage_path": where.storage_path, **(plan.params() if plan else {}), **(parent_params or {})}
     parent = sweep_record.start_parent_run(experiment, name, params, restoring, design)
+    objectives = plan.objectives if plan else DEFAULT_OBJECTIVES
     trial = tune.with_parameters(run_trial, base=base.to_dict(), experiment=experiment, parent_run_id=parent,
-                                 tags={"design": design})
+                                 tags={"design": design}, objectives=objectives)
     return Sweep(name=name, experiment=experiment, space=space, designed=cells is not None, columns=columns,
                  where=where, restoring=restoring, parent_run_id=parent,
                  trainable=tune.with_resources(trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}),
-                 num_samples=num_samples, max_concurrent=args.max_concurrent, max_failures=args.max_failures)
+                 num_samples=num_samples, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+                 objectives=objectives, ranked=plan is None or plan.searcher == searchers.HYPEROPT)
 
 
 def with_data(base: RunConfig, on_cluster: bool) -> RunConfig:

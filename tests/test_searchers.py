@@ -195,3 +195,18 @@ def test_a_warm_start_from_another_space_says_so(store):
           {"val_acc": 0.7, "mean_fnfe": 4.0, "mean_bnfe": 4.0, **COSTS})
     with pytest.raises(SweepError, match=r"none of its 1 finished trials can start this search \(1 lie outside"):
         searchers.warm_trials("other", SPACE, "dopri5", TWO.objectives)
+
+
+def test_a_warm_started_searcher_does_not_replay_the_earlier_searchers_draws():
+    """TPE's first proposals are random draws from its seed, whatever the study holds: with the same
+    --searcher-seed, a warm start would propose the earlier sweep's points again and train them twice."""
+    import optuna
+
+    earlier = searchers.searcher(TWO, SPACE, "dopri5", seed=0)
+    points = [earlier.suggest(f"e{i}") for i in range(3)]
+    warm = [optuna.trial.create_trial(params=point, distributions={n: d for n, d in searchers.distributions(SPACE)
+                                                                   .items() if n in point}, values=[0.8, 10.0])
+            for point in points]
+    later = searchers.searcher(TWO, SPACE, "dopri5", seed=0, warm=warm)
+    proposed = [later.suggest(f"l{i}") for i in range(3)]
+    assert not [point for point in proposed if point in points]
