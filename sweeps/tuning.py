@@ -41,10 +41,14 @@ METRICS_BEFORE_REPORT_S = 15.0
 # A trial's state as the tables show it: the trial itself reports RUNNING after each epoch and
 # FINISHED or DIVERGED at its end; a trial the scheduler stopped between epochs reads STOPPED.
 STOPPED = "STOPPED"
-# How often the driver uploads the sweep's state to its storage path: a lost head (the
-# driver dies with it) costs at most this much trial progress on restore. Tune's default,
-# 300 s, would cost five minutes; the upload is a few small files.
-SYNC_PERIOD_S = 60
+# Checkpoints kept per trial (each epoch makes one). It also bounds what a lost head (the
+# driver dies with it) costs: Tune uploads the sweep's state, which names each trial's latest
+# checkpoint, at once when a trial has made this many checkpoints since the last upload, and
+# otherwise at least every 10 s (Tune's "auto" snapshot period, which grows only when a
+# snapshot takes over half a second). So a restore trains again at most this many epochs of a
+# trial, plus the epoch in flight. SyncConfig's sync_period does not enter: in Ray 2.60 it
+# throttles only the upload of trial artifacts, which the sweep does not make.
+CHECKPOINTS_KEPT = 2
 
 
 # -- one trial ------------------------------------------------------------------------------
@@ -329,8 +333,7 @@ class Sweep:
             storage_path=path,
             storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=self.max_failures),
-            sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             callbacks=[CloseTrialRuns(self.experiment)],
             progress_reporter=progress(self.space, self.designed, self.objectives, self.ranked),
             verbose=1,
