@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from odenet import objectives, pareto, pareto_plot
-from odenet.stats import CONFIDENCE
+from odenet.objectives import MAX, MIN
+from odenet.stats import ALPHA, CONFIDENCE, fit_line, holm, x_difference
 
 RULE = ("A trial is on the front when no finished trial is at least as good on every objective and better on one; "
         "trials equal on every objective are all kept. Diverged, failed, stopped and unfinished trials are never on "
@@ -29,16 +31,28 @@ class Section:
     figures: list[Path] = field(default_factory=list)
 
 
+# The parent-run param in which a search records the objectives it weighed ("val_acc:max,nfe:min").
+OBJECTIVES_PARAM = "objectives"
+
+
+def sweep_objectives(parent) -> dict[str, str] | None:
+    """The objectives a sweep's parent run (an MLflow Run, or None) records, as {name: direction};
+    None for a search that weighed validation accuracy alone (HyperOpt)."""
+    text = parent.data.params.get(OBJECTIVES_PARAM) if parent is not None else None
+    return {o.name: o.direction for o in objectives.parse(text)} if text else None
+
+
 def search_front(runs: pd.DataFrame, out: Path, settings: Sequence[str], study_points: Sequence[Mapping] = (),
-                 sweep_objectives: Mapping[str, str] | None = None) -> Section:
+                 sweep_objectives: Mapping[str, str] | None = None, scope: str = "", key: str = "") -> Section:
     """The non-dominated trials on the sweep's objectives ({name: 'max'|'min'}; a HyperOpt search has
     none, and is shown on val_acc against NFE and against epoch time), each front a table of the
-    trials' `settings` and objectives and a figure of the first objective against each other one."""
+    trials' `settings` and objectives and a figure of the first objective against each other one.
+    `scope` ends the heading and `key` starts the file names, for an experiment of several sweeps."""
     fronts = [dict(sweep_objectives)] if sweep_objectives else list(pareto.ACCURACY_AGAINST_COST)
     runs = objectives.measured(runs, sorted({name for front in fronts for name in front}))
     study = pareto.matches(runs, study_points)
     done = pareto.comparable(runs, {name: "max" for front in fronts for name in front})
-    lines = ["## Accuracy against cost", RULE,
+    lines = [f"## Accuracy against cost{scope}", RULE,
              f"{int(done.sum())} of {len(runs)} trials finished with every objective measured. "
              + "; ".join(f"{name}: {objectives.MEASURES[name].description}"
                          for name in dict.fromkeys(n for front in fronts for n in front))]
@@ -48,35 +62,149 @@ def search_front(runs: pd.DataFrame, out: Path, settings: Sequence[str], study_p
         on = pareto.front(runs, front)
         table = pareto.front_table(runs.assign(study_setting=study), front, columns=("run_id", *settings,
                                                                                        "study_setting"))
-        section.tables[f"pareto_{label}"] = table
+        section.tables[f"{key}pareto_{label}"] = table
         lines += [f"### Non-dominated on {', '.join(f'{n} ({d})' for n, d in front.items())}: "
                   f"{len(table)} trial(s)", table.drop(columns=["run_id"]).to_markdown(index=False, floatfmt=".4g")]
         first, *others = front
         for other in others:
             # one figure per pair: the default fronts share no pair, a sweep's own objectives are one front
             section.figures.append(pareto_plot.front_figure(runs, on, other, first,
-                                                            out / f"pareto_{first}_against_{other}.png", study=study))
+                                                            out / f"{key}pareto_{first}_against_{other}.png",
+                                                            study=study))
     section.markdown = "\n\n".join(lines)
     return section
 
 
-def one_at_a_time_cells(runs: pd.DataFrame, out: Path) -> Section:
+def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str = "") -> Section:
     """Each cell's mean test accuracy and mean cost over its finished seeds, with t-intervals, on the
     same axes: what a setting costs and saves, read off with its uncertainty."""
     runs = objectives.measured(runs, list(CELL_COSTS)).assign(
         cell=lambda r: r["ablated_dimension"].where(r["ablated_dimension"] == r["ablated_value"],
                                                     r["ablated_dimension"] + "=" + r["ablated_value"].astype(str)))
     level = f"{CONFIDENCE:.0%}"
-    lines = ["## Accuracy against cost, per cell",
+    lines = [f"## Accuracy against cost, per cell{scope}",
              f"Each cell: mean over its finished seeds (n) and the {level} t-interval, of test accuracy and of each "
              f"cost; a cell with one seed has no interval. "
              + "; ".join(f"{name}: {objectives.MEASURES[name].description}" for name in CELL_COSTS)]
     section = Section("")
     for cost in CELL_COSTS:
         table = pareto.cells(runs, ["cell"], CELL_ACCURACY, cost)
-        section.tables[f"cells_{CELL_ACCURACY}_{cost}"] = table
+        section.tables[f"{key}cells_{CELL_ACCURACY}_{cost}"] = table
         lines += [f"### {CELL_ACCURACY} against {cost}", table.to_markdown(index=False, floatfmt=".4g")]
         section.figures.append(pareto_plot.cells_figure(table, "cell", cost, CELL_ACCURACY,
-                                                        out / f"cells_{CELL_ACCURACY}_{cost}.png"))
+                                                        out / f"{key}cells_{CELL_ACCURACY}_{cost}.png"))
     section.markdown = "\n\n".join(lines)
     return section
+
+
+# -- parameter efficiency as a curve -------------------------------------------------------------------------------
+
+# What a curve counts as a model's size: its trainable parameters (runs logged before params_trainable
+# existed have params_total, equal for these models, whose every parameter trains).
+PARAMS, CURVE_ACCURACY = "params_trainable", "test_acc"
+
+
+def parameter_counts(runs: pd.DataFrame) -> pd.Series:
+    trainable = runs[PARAMS] if PARAMS in runs else pd.Series(float("nan"), runs.index)
+    return pd.to_numeric(trainable, errors="coerce").fillna(pd.to_numeric(runs.get("params_total"), errors="coerce"))
+
+
+def parameter_curves(runs: pd.DataFrame, out: Path, base_model: str, scope: str = "", key: str = "") -> Section:
+    """Per data set: test accuracy against trainable parameters per model family (each width: the mean
+    over its finished seeds with a t-interval), a line test_acc = a + b log10(params) per family, and
+    the parameters each family needs to reach what `base_model` reaches at each of its widths, with
+    Fieller intervals, and the ratio to the base family's need tested (Holm over the section)."""
+    runs = runs.assign(**{PARAMS: parameter_counts(runs)})
+    level = f"{CONFIDENCE:.0%}"
+    lines = [f"## Parameter efficiency as a curve{scope}",
+             f"Each point: one model family at one width, the mean test accuracy over its finished seeds (n) with "
+             f"the {level} t-interval, at its trainable parameters ({PARAMS}). Per family, a straight line "
+             f"test_acc = a + b log10(params) is fitted to every finished run (statsmodels OLS; R² shown), so the "
+             f"curve is read only between the widths that ran, where a line in log parameters is a fair local "
+             f"description. The table asks, at each accuracy the base family ({base_model}) reached at one of its "
+             f"widths, how many parameters each family's line needs (Fieller's {level} interval; none where the "
+             f"line's slope is not distinguishable from 0), and tests the ratio to the base family's need (delta "
+             f"method on log10 parameters, Welch degrees of freedom, Holm over every ratio in this section, each "
+             f"ratio's interval at Holm's level). Only accuracies inside every fitted family's range are asked."]
+    section = Section("")
+    rows, comparisons = [], []
+    for dataset, on_dataset in runs.groupby("dataset", sort=False):
+        done = on_dataset[pareto.comparable(on_dataset, {CURVE_ACCURACY: MAX, PARAMS: MIN})]
+        # one cell per family and size; its cost column (a copy of the size) is not shown
+        points = pareto.cells(done.assign(size=done[PARAMS]), ["model", PARAMS], CURVE_ACCURACY, "size")[
+            ["model", PARAMS, "n", CURVE_ACCURACY, f"{CURVE_ACCURACY}_low", f"{CURVE_ACCURACY}_high"]]
+        points.insert(1, "width", [_width_at(done, m, p) for m, p in zip(points["model"], points[PARAMS])])
+        section.tables[f"{key}parameter_curve_{dataset}"] = points
+        fits = {model: fit_line(np.log10(group[PARAMS].to_numpy(dtype=float)), group[CURVE_ACCURACY].tolist())
+                for model, group in done.groupby("model", sort=False)
+                if group[PARAMS].nunique() >= 2 and len(group) >= 3}
+        lines += [f"### {dataset}: test accuracy at each width",
+                  points.to_markdown(index=False, floatfmt=".4g"),
+                  "Fitted lines: " + ("; ".join(f"{m}: {f.intercept:.3g} + {f.slope:.3g} log10(params), R² "
+                                                f"{f.r2:.2f}, n {f.n}" for m, f in fits.items())
+                                      or "none (a family needs 2 or more widths and 3 finished runs)") + "."]
+        section.figures.append(pareto_plot.curves_figure(points, fits, "model", PARAMS, CURVE_ACCURACY,
+                                                         out / f"{key}parameter_curve_{dataset}.png"))
+        if base_model not in fits or len(fits) < 2:
+            lines.append(f"No parameters-for-accuracy table for {dataset}: it needs a line for {base_model} and for "
+                         f"another family.")
+            continue
+        asked = len(rows)
+        reach = {m: sorted(f.intercept + f.slope * np.log10(done.loc[done["model"] == m, PARAMS].agg(["min", "max"])))
+                 for m, f in fits.items()}
+        base_points = points[points["model"] == base_model]
+        for target_width, target in zip(base_points["width"], base_points[CURVE_ACCURACY]):
+            if not all(low <= target <= high for low, high in reach.values()):
+                continue
+            for model, line in fits.items():
+                needed = line.x_interval(target)
+                row = {"dataset": dataset, "accuracy": target, f"{base_model} width": target_width, "model": model,
+                       "params needed": 10 ** needed.mean, "params_low": 10 ** needed.low,
+                       "params_high": 10 ** needed.high}
+                if model != base_model:
+                    comparisons.append((len(rows), x_difference(line, fits[base_model], target)))
+                rows.append(row)
+        if len(rows) == asked:
+            lines.append(f"No accuracy {base_model} reached on {dataset} lies inside every fitted family's range: "
+                         f"the curves do not overlap there, so no parameters-for-accuracy comparison is made.")
+    table = pd.DataFrame(rows)
+    if comparisons:
+        adjusted, levels = holm([c.p for _, c in comparisons])
+        for (i, compared), p, level_i in zip(comparisons, adjusted, levels):
+            ratio = compared.interval(level_i)
+            rows[i].update({"ratio to base": 10 ** ratio.mean, "ratio_low": 10 ** ratio.low,
+                            "ratio_high": 10 ** ratio.high, "holm_p": p,
+                            "verdict": _needs(rows[i]["model"], base_model, 10 ** ratio.mean, p, level_i,
+                                              10 ** ratio.low, 10 ** ratio.high)})
+        table = pd.DataFrame(rows)
+    if not table.empty:
+        section.tables[f"{key}parameters_for_accuracy"] = table
+        lines += ["### Parameters each family needs for a given accuracy", _shown_needs(table)]
+    section.markdown = "\n\n".join(lines)
+    return section
+
+
+def _width_at(done: pd.DataFrame, model: str, params: float):
+    widths = done.loc[(done["model"] == model) & (done[PARAMS] == params), "width"].dropna()
+    return widths.iloc[0] if len(widths) else "study's"
+
+
+def _needs(model: str, base: str, ratio: float, p: float, level: float, low: float, high: float) -> str:
+    """The ratio's verdict in words, as odenet.stats.verdict puts a difference."""
+    if np.isnan(p) or p >= ALPHA:
+        return f"difference not detectable (Holm p = {p:.2g})"
+    return (f"{model} needs {ratio:.2g}x the parameters of {base} [{low:.2g}, {high:.2g}] at {level:.1%} "
+            f"(Holm p = {p:.2g})")
+
+
+def _shown_needs(table: pd.DataFrame) -> str:
+    shown = table.assign(**{"params needed": [_interval(m, lo, hi, ".3g") for m, lo, hi in
+                                              zip(table["params needed"], table["params_low"], table["params_high"])]})
+    columns = [c for c in ("dataset", "accuracy", shown.columns[2], "model", "params needed", "verdict") if c in shown]
+    return shown[columns].fillna("base").to_markdown(index=False, floatfmt=".4g")
+
+
+def _interval(mean: float, low: float, high: float, fmt: str) -> str:
+    if np.isnan(low) or np.isnan(high):
+        return f"{mean:{fmt}} (line too flat for an interval)"
+    return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"

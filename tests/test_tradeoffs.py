@@ -1,0 +1,135 @@
+"""Parameter efficiency as a curve: the fitted lines read backwards (planted numbers, computed
+here independently), the report's curve section on planted runs, --widths' bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from odenet import tradeoffs
+from odenet.stats import fit_line, x_difference
+from sweeps.parameter_efficiency import parameter_efficiency
+from sweeps.tuning import main as sweep_main
+
+X = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+Y = [0.70, 0.72, 0.80, 0.79, 0.90, 0.88]
+
+
+def by_hand(x, y):
+    """OLS by the normal equations: coefficients, their covariance, residual degrees of freedom."""
+    design = np.column_stack([np.ones(len(x)), x])
+    beta, rss, *_ = np.linalg.lstsq(design, np.array(y), rcond=None)
+    dof = len(x) - 2
+    return beta, float(rss[0]) / dof * np.linalg.inv(design.T @ design), dof
+
+
+def test_a_line_is_read_backwards_with_fielders_interval():
+    line = fit_line(X, Y)
+    beta, cov, dof = by_hand(X, Y)
+    assert (line.intercept, line.slope, line.dof) == (pytest.approx(beta[0]), pytest.approx(beta[1]), dof)
+    target = 0.85
+    assert line.x_at(target) == pytest.approx((target - beta[0]) / beta[1])
+    # Fieller: the x where |a + b x - y| = t * sqrt(var(a + b x)), found here by a root search
+    t = scipy_stats.t.ppf(0.975, dof)
+
+    def gap(x):
+        return abs(beta[0] + beta[1] * x - target) - t * math.sqrt(cov[0, 0] + 2 * x * cov[0, 1] + x * x * cov[1, 1])
+
+    from scipy.optimize import brentq
+
+    centre = (target - beta[0]) / beta[1]
+    low, high = brentq(gap, centre - 10, centre), brentq(gap, centre, centre + 10)
+    interval = line.x_interval(target)
+    assert (interval.low, interval.high) == (pytest.approx(low), pytest.approx(high))
+    assert interval.low < interval.mean < interval.high
+
+
+def test_a_flat_line_has_no_interval():
+    line = fit_line([1, 1, 2, 2, 3, 3], [0.80, 0.90, 0.86, 0.84, 0.81, 0.89])
+    interval = line.x_interval(0.85)
+    assert math.isnan(interval.low) and math.isnan(interval.high)
+
+
+def test_two_lines_are_compared_where_they_reach_one_accuracy():
+    line, base = fit_line(X, Y), fit_line(X, [v - 0.05 for v in Y[::-1]][::-1])  # base 0.05 lower everywhere
+    target = 0.8
+    beta, cov, dof = by_hand(X, Y)
+    beta_base, cov_base, _ = by_hand(X, [v - 0.05 for v in Y])
+
+    def x_and_var(b, c):
+        x = (target - b[0]) / b[1]
+        return x, (c[0, 0] + 2 * x * c[0, 1] + x * x * c[1, 1]) / b[1] ** 2
+
+    (x1, v1), (x2, v2) = x_and_var(beta, cov), x_and_var(beta_base, cov_base)
+    compared = x_difference(line, base, target)
+    welch = (v1 + v2) ** 2 / (v1 ** 2 / dof + v2 ** 2 / dof)
+    assert compared.mean == pytest.approx(x1 - x2)  # the base needs 0.05 / slope more log10 params
+    assert compared.mean == pytest.approx(-0.05 / beta[1])
+    assert compared.se == pytest.approx(math.sqrt(v1 + v2))
+    assert compared.dof == pytest.approx(welch)
+    assert compared.p == pytest.approx(2 * scipy_stats.t.sf(abs(x1 - x2) / math.sqrt(v1 + v2), welch))
+
+
+def planted_runs(gap: float) -> pd.DataFrame:
+    """Two families at widths 8, 16, 32 over 3 seeds; resnet-small `gap` less accurate at each size,
+    on the same parameter counts (so its need is 10^(gap / slope) times the ODEnet's)."""
+    rows = []
+    for model, shift in (("odenet-simple", 0.0), ("resnet-small", -gap)):
+        for width, params in ((8, 1_000), (16, 4_000), (32, 16_000)):
+            for seed, noise in enumerate((-0.004, 0.0, 0.004)):
+                rows.append({"run_id": f"{model}-{width}-{seed}", "status": "FINISHED", "dataset": "fashion-mnist",
+                             "model": model, "width": float(width), "seed": seed, "params_trainable": float(params),
+                             "test_acc": 0.70 + 0.1 * math.log10(params / 1_000) / math.log10(4) + shift + noise})
+    return pd.DataFrame(rows)
+
+
+def test_the_curve_table_states_the_parameters_each_family_needs(tmp_path):
+    section = tradeoffs.parameter_curves(planted_runs(gap=0.05), tmp_path, "odenet-simple")
+    points = section.tables["parameter_curve_fashion-mnist"]
+    assert points[["model", "width", "params_trainable", "n"]].values.tolist() == [
+        ["odenet-simple", 8.0, 1000.0, 3], ["odenet-simple", 16.0, 4000.0, 3], ["odenet-simple", 32.0, 16000.0, 3],
+        ["resnet-small", 8.0, 1000.0, 3], ["resnet-small", 16.0, 4000.0, 3], ["resnet-small", 32.0, 16000.0, 3]]
+    needs = section.tables["parameters_for_accuracy"]
+    # the ODEnet's accuracies at widths 8 and 16 (0.70, 0.80) lie inside resnet-small's range (0.65 to 0.85);
+    # at width 32 (0.90) the ResNet's line would have to be extrapolated
+    assert needs["accuracy"].tolist() == pytest.approx([0.70, 0.70, 0.80, 0.80])
+    assert needs["odenet-simple width"].tolist() == [8.0, 8.0, 16.0, 16.0]
+    slope = 0.1 / math.log10(4)  # accuracy per log10 parameter, as planted
+    resnet = needs[needs["model"] == "resnet-small"]
+    assert resnet["params needed"].tolist() == pytest.approx([1_000 * 10 ** (0.05 / slope),
+                                                              4_000 * 10 ** (0.05 / slope)], rel=1e-6)
+    assert resnet["ratio to base"].tolist() == pytest.approx([10 ** (0.05 / slope)] * 2, rel=1e-6)  # 2x
+    assert resnet["verdict"].str.startswith("resnet-small needs 2x the parameters of odenet-simple").all()
+    assert needs.loc[needs["model"] == "odenet-simple", "params needed"].tolist() == pytest.approx([1_000, 4_000])
+    assert [p.name for p in section.figures] == ["parameter_curve_fashion-mnist.png"]
+
+
+def test_families_whose_curves_coincide_differ_undetectably(tmp_path):
+    needs = tradeoffs.parameter_curves(planted_runs(gap=0.0), tmp_path, "odenet-simple").tables[
+        "parameters_for_accuracy"]
+    verdicts = needs.loc[needs["model"] == "resnet-small", "verdict"]
+    assert len(verdicts) >= 1 and verdicts.str.startswith("difference not detectable").all()
+
+
+@pytest.mark.parametrize("widths, problem", [("8,x", "'x' is not a width"), ("0,16", "'0' is not a width"),
+                                             ("8,8", "8 is given twice")])
+def test_bad_widths_are_named_before_ray_starts(widths, problem, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/never.db")
+    assert sweep_main(parameter_efficiency, ["--smoke", "--widths", widths]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "e.g. --widths 8,16,32,64" in err
+    import ray
+
+    assert not ray.is_initialized() and not (tmp_path / "never.db").exists()
+
+
+def test_the_widths_multiply_the_trials(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--smoke", "--models", "odenet-simple,resnet-small", "--seeds", "2", "--estimate"]
+    assert sweep_main(parameter_efficiency, [*argv, "--widths", "8,16,32"]) == 0
+    assert "trials: 12\n" in capsys.readouterr().out  # 2 models x 3 widths x 2 seeds
