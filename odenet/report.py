@@ -638,7 +638,8 @@ def build(experiment: str, out_dir: Path, parent=None) -> Report:
         efficiency = runs[runs["design"] == PARAMETER_EFFICIENCY]
         if "width" in efficiency and efficiency["width"].nunique() > 1:
             writers.append(lambda efficiency=efficiency, scope=scope: report.add(
-                tradeoffs.parameter_curves(efficiency, out_dir, BASE_MODEL, scope, _key(scope))))
+                tradeoffs.parameter_curves(efficiency, out_dir, BASE_MODEL, 1 / test_images(efficiency), scope,
+                                           _key(scope))))
         if ONE_AT_A_TIME in set(runs["design"]):
             writers.append(lambda cells=runs[runs["design"] == ONE_AT_A_TIME], scope=scope: report.add(
                 tradeoffs.one_at_a_time_cells(cells, out_dir, scope, _key(scope))))

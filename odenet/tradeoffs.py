@@ -15,7 +15,7 @@ import pandas as pd
 
 from odenet import objectives, pareto, pareto_plot
 from odenet.objectives import MAX, MIN
-from odenet.stats import ALPHA, CONFIDENCE, fit_line, holm, x_difference
+from odenet.stats import ALPHA, CONFIDENCE, RANGE_UP_TO, accuracy_interval, fit_line, holm, x_difference
 
 RULE = ("A trial is on the front when no finished trial is at least as good on every objective and better on one; "
         "trials equal on every objective are all kept. Diverged, failed, stopped and unfinished trials are never on "
@@ -109,16 +109,19 @@ def parameter_counts(runs: pd.DataFrame) -> pd.Series:
     return pd.to_numeric(trainable, errors="coerce").fillna(pd.to_numeric(runs.get("params_total"), errors="coerce"))
 
 
-def parameter_curves(runs: pd.DataFrame, out: Path, base_model: str, scope: str = "", key: str = "") -> Section:
+def parameter_curves(runs: pd.DataFrame, out: Path, base_model: str, resolution: float, scope: str = "",
+                     key: str = "") -> Section:
     """Per data set: test accuracy against trainable parameters per model family (each width: the mean
     over its finished seeds with a t-interval), a line test_acc = a + b log10(params) per family, and
     the parameters each family needs to reach what `base_model` reaches at each of its widths, with
-    Fieller intervals, and the ratio to the base family's need tested (Holm over the section)."""
+    Fieller intervals, and the ratio to the base family's need tested (Holm over the section).
+    `resolution`: one test image's share of the test set (odenet.stats.accuracy_interval)."""
     runs = runs.assign(**{PARAMS: parameter_counts(runs)})
     level = f"{CONFIDENCE:.0%}"
     lines = [f"## Parameter efficiency as a curve{scope}",
-             f"Each point: one model family at one width, the mean test accuracy over its finished seeds (n) with "
-             f"the {level} t-interval, at its trainable parameters ({PARAMS}). Per family, a straight line "
+             f"Each point: one model family at one width, the mean test accuracy over its finished seeds (n), at its "
+             f"trainable parameters ({PARAMS}), with the range (min, max) for {RANGE_UP_TO} seeds or fewer and a "
+             f"{level} t-interval on the logit scale otherwise (as in the tables above). Per family, a straight line "
              f"test_acc = a + b log10(params) is fitted to every finished run (statsmodels OLS; R² shown), so the "
              f"curve is read only between the widths that ran, where a line in log parameters is a fair local "
              f"description. The table asks, at each accuracy the base family ({base_model}) reached at one of its "
@@ -130,10 +133,7 @@ def parameter_curves(runs: pd.DataFrame, out: Path, base_model: str, scope: str 
     rows, comparisons = [], []
     for dataset, on_dataset in runs.groupby("dataset", sort=False):
         done = on_dataset[pareto.comparable(on_dataset, {CURVE_ACCURACY: MAX, PARAMS: MIN})]
-        # one cell per family and size; its cost column (a copy of the size) is not shown
-        points = pareto.cells(done.assign(size=done[PARAMS]), ["model", PARAMS], CURVE_ACCURACY, "size")[
-            ["model", PARAMS, "n", CURVE_ACCURACY, f"{CURVE_ACCURACY}_low", f"{CURVE_ACCURACY}_high"]]
-        points.insert(1, "width", [_width_at(done, m, p) for m, p in zip(points["model"], points[PARAMS])])
+        points = _points(done, resolution)
         section.tables[f"{key}parameter_curve_{dataset}"] = points
         fits = {model: fit_line(np.log10(group[PARAMS].to_numpy(dtype=float)), group[CURVE_ACCURACY].tolist())
                 for model, group in done.groupby("model", sort=False)
@@ -184,9 +184,16 @@ def parameter_curves(runs: pd.DataFrame, out: Path, base_model: str, scope: str 
     return section
 
 
-def _width_at(done: pd.DataFrame, model: str, params: float):
-    widths = done.loc[(done["model"] == model) & (done[PARAMS] == params), "width"].dropna()
-    return widths.iloc[0] if len(widths) else "study's"
+def _points(done: pd.DataFrame, resolution: float) -> pd.DataFrame:
+    """One row per family and size (a width): its finished seeds' mean accuracy with accuracy_interval."""
+    rows = []
+    for (model, params), group in done.sort_values(["model", PARAMS]).groupby(["model", PARAMS], sort=False):
+        accuracy = accuracy_interval(group[CURVE_ACCURACY].tolist(), resolution)
+        widths = group["width"].dropna() if "width" in group else pd.Series(dtype=float)
+        rows.append({"model": model, "width": widths.iloc[0] if len(widths) else "study's", PARAMS: params,
+                     "n": accuracy.n, CURVE_ACCURACY: accuracy.mean, f"{CURVE_ACCURACY}_low": accuracy.low,
+                     f"{CURVE_ACCURACY}_high": accuracy.high})
+    return pd.DataFrame(rows)
 
 
 def _needs(model: str, base: str, ratio: float, p: float, level: float, low: float, high: float) -> str:

@@ -90,7 +90,7 @@ def planted_runs(gap: float) -> pd.DataFrame:
 
 
 def test_the_curve_table_states_the_parameters_each_family_needs(tmp_path):
-    section = tradeoffs.parameter_curves(planted_runs(gap=0.05), tmp_path, "odenet-simple")
+    section = tradeoffs.parameter_curves(planted_runs(gap=0.05), tmp_path, "odenet-simple", 1 / 10_000)
     points = section.tables["parameter_curve_fashion-mnist"]
     assert points[["model", "width", "params_trainable", "n"]].values.tolist() == [
         ["odenet-simple", 8.0, 1000.0, 3], ["odenet-simple", 16.0, 4000.0, 3], ["odenet-simple", 32.0, 16000.0, 3],
@@ -108,10 +108,13 @@ def test_the_curve_table_states_the_parameters_each_family_needs(tmp_path):
     assert resnet["verdict"].str.startswith("resnet-small needs 2x the parameters of odenet-simple").all()
     assert needs.loc[needs["model"] == "odenet-simple", "params needed"].tolist() == pytest.approx([1_000, 4_000])
     assert [p.name for p in section.figures] == ["parameter_curve_fashion-mnist.png"]
+    # 3 seeds: each width's accuracy is shown with its range, as the report's other tables show it
+    assert (points.loc[0, "test_acc_low"], points.loc[0, "test_acc_high"]) == (pytest.approx(0.696),
+                                                                              pytest.approx(0.704))
 
 
 def test_families_whose_curves_coincide_differ_undetectably(tmp_path):
-    needs = tradeoffs.parameter_curves(planted_runs(gap=0.0), tmp_path, "odenet-simple").tables[
+    needs = tradeoffs.parameter_curves(planted_runs(gap=0.0), tmp_path, "odenet-simple", 1 / 10_000).tables[
         "parameters_for_accuracy"]
     verdicts = needs.loc[needs["model"] == "resnet-small", "verdict"]
     assert len(verdicts) >= 1 and verdicts.str.startswith("difference not detectable").all()
@@ -175,3 +178,92 @@ def test_a_widths_smoke_sweep_runs_each_family_at_each_width_and_the_report_draw
         (m, w, counted[m, w], seeds) for m in models for w in widths)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Parameter efficiency as a curve" in text and "### fashion-mnist, width 2" in text
+
+
+# -- the report's accuracy-against-cost sections, from runs logged to MLflow (no training) --------------------------
+
+
+def log_sweep(store, experiment: str, design: str, parent_params: dict, trials: list[dict]) -> str:
+    """A sweep's parent run with `parent_params`, and one finished (or failed) child run per trial:
+    {"params": ..., "metrics": ..., "tags": ..., "status": ...}. Returns the parent's id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    experiment_id = store.create_experiment(experiment)
+    parent = store.create_run(experiment_id, run_name=experiment,
+                              tags={"sweep_role": "parent", "sweep_name": experiment, "design": design}).info.run_id
+    store.log_batch(parent, params=[Param(k, v) for k, v in parent_params.items()])
+    for trial in trials:
+        run = store.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "design": design,
+                                                    **trial.get("tags", {})}).info.run_id
+        store.log_batch(run, params=[Param(k, str(v)) for k, v in trial["params"].items()],
+                        metrics=[Metric(k, v, 0, 0) for k, v in trial["metrics"].items()])
+        store.set_terminated(run, trial.get("status", "FINISHED"))
+    store.set_terminated(parent, "FINISHED")
+    return parent
+
+
+def searched(stride, activation, val_acc, fnfe, seconds, status="FINISHED"):
+    from sweeps.architecture_ablation import STUDY_POINTS
+
+    settings = {**STUDY_POINTS[0], "stride": stride, "activation_before": activation, "seed": 0}
+    return {"params": settings, "status": status,
+            "tags": {"failure_cause": "underflow"} if status == "FAILED" else {},
+            "metrics": {} if status == "FAILED" else
+            {"val_acc": val_acc, "test_acc": val_acc, "mean_fnfe": fnfe, "mean_bnfe": fnfe,
+             "mean_epoch_time_s": seconds, "params_total": 1000.0}}
+
+
+# The study's own point (stride 2, relu) at NFE 40 and 0.85; a stride-1 trial more accurate and dearer;
+# a dominated one; a diverged one.
+TRIALS = [searched(2, "relu", 0.85, 20.0, 30.0), searched(1, "relu", 0.90, 40.0, 20.0),
+          searched(1, "tanh", 0.80, 30.0, 40.0), searched(1, "softplus", 0.0, 5.0, 1.0, status="FAILED")]
+
+
+@pytest.mark.parametrize("objectives, fronts", [
+    ("val_acc:max,nfe:min", {"pareto_val_acc_nfe": [(0.90, 80.0, False), (0.85, 40.0, True)]}),
+    (None, {"pareto_val_acc_nfe": [(0.90, 80.0, False), (0.85, 40.0, True)],
+            "pareto_val_acc_epoch_time": [(0.90, 20.0, False)]}),
+])
+def test_a_searchs_front_is_in_its_report_on_the_objectives_its_parent_run_records(objectives, fronts, tmp_path,
+                                                                                     monkeypatch):
+    import json
+
+    from mlflow import MlflowClient
+
+    from odenet import report
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store = MlflowClient(uri)
+    space = json.dumps({"stride": "choice", "activation_before": "choice"})
+    parent = log_sweep(store, "search", "search", {"search_space": space,
+                                                   **({"objectives": objectives} if objectives else {})}, TRIALS)
+    text = report.main("search", str(tmp_path / "report"))
+    assert "## Accuracy against cost" in text and "3 of 4 trials finished with every objective measured" in text
+    for name, expected in fronts.items():
+        table = pd.read_csv(tmp_path / "report" / f"{name}.csv")
+        cost = name.split("val_acc_")[1]
+        assert list(zip(table["val_acc"], table[cost], table["study_setting"])) == expected
+    logged = {a.path for a in store.list_artifacts(parent, "report")}
+    assert {f"report/{name}.csv" for name in fronts} | {"report/pareto_val_acc_against_nfe.png"} <= logged
+
+
+def test_one_at_a_time_cells_are_in_the_report_against_each_cost(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from odenet import report
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    trials = [{"params": {"stride": stride, "seed": seed},
+               "tags": {"ablated_dimension": dimension, "ablated_value": value},
+               "metrics": {"test_acc": acc, "mean_fnfe": nfe, "mean_bnfe": nfe, "mean_epoch_time_s": seconds}}
+              for dimension, value, stride, seed, acc, nfe, seconds in (
+                  ("base", "base", 2, 0, 0.90, 20.0, 10.0), ("base", "base", 2, 1, 0.92, 22.0, 12.0),
+                  ("stride", "1", 1, 0, 0.93, 30.0, 20.0), ("stride", "1", 1, 1, 0.95, 34.0, 22.0))]
+    log_sweep(MlflowClient(uri), "effects", "one-at-a-time", {}, trials)
+    report.main("effects", str(tmp_path / "report"))
+    cells = pd.read_csv(tmp_path / "report" / "cells_test_acc_epoch_time.csv")
+    assert list(zip(cells["cell"], cells["n"], cells["test_acc"], cells["epoch_time"])) == [
+        ("base", 2, pytest.approx(0.91), pytest.approx(11.0)), ("stride=1", 2, pytest.approx(0.94), pytest.approx(21.0))]
+    assert "## Accuracy against cost, per cell" in (tmp_path / "report" / "report.md").read_text()
