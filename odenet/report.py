@@ -38,7 +38,7 @@ from odenet.sweep_record import PARENT, ROLE_TAG, find_parent_run
 # The designs a run's `design` tag names, and the `ablated_dimension` of a one-at-a-time base
 # cell: the sweeps write them (sweeps/designs.py), the report reads them.
 SEARCH, ONE_AT_A_TIME, PARAMETER_EFFICIENCY = "search", "one-at-a-time", "parameter-efficiency"
-BASE = "base"
+BASE = tradeoffs.BASE_CELL
 # Numbers logged as params, read back as numbers.
 NUMERIC_PARAMS = ("stride", "final_time", "augment_dims", "lr", "weight_decay", "width", "seed", "subset",
                   "test_subset")
@@ -642,7 +642,7 @@ def build(experiment: str, out_dir: Path, parent=None) -> Report:
                                            _key(scope))))
         if ONE_AT_A_TIME in set(runs["design"]):
             writers.append(lambda cells=runs[runs["design"] == ONE_AT_A_TIME], scope=scope: report.add(
-                tradeoffs.one_at_a_time_cells(cells, out_dir, scope, _key(scope))))
+                tradeoffs.one_at_a_time_cells(cells, out_dir, scope, _key(scope), 1 / test_images(cells))))
         if SEARCH in set(runs["design"]):
             searched = runs[runs["design"] == SEARCH]
             sweep_parent = _parent(runs, parent)

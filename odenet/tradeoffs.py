@@ -15,13 +15,15 @@ import pandas as pd
 
 from odenet import objectives, pareto, pareto_plot
 from odenet.objectives import MAX, MIN
-from odenet.stats import ALPHA, CONFIDENCE, RANGE_UP_TO, accuracy_interval, fit_line, holm, x_difference
+from odenet.stats import (ALPHA, CONFIDENCE, RANGE_UP_TO, Interval, accuracy_interval, fit_line, holm, paired_test,
+                          ratio_interval, x_difference)
 
 RULE = ("A trial is on the front when no finished trial is at least as good on every objective and better on one; "
         "trials equal on every objective are all kept. Diverged, failed, stopped and unfinished trials are never on "
         "it: their cost bought no final result.")
 # The costs a one-at-a-time cell is shown against, with the accuracy its comparisons use.
 CELL_ACCURACY, CELL_COSTS = "test_acc", ("nfe", "epoch_time")
+BASE_CELL = "base"  # the cell label of a one-at-a-time design's base (odenet.report.BASE)
 
 
 @dataclass
@@ -75,9 +77,11 @@ def search_front(runs: pd.DataFrame, out: Path, settings: Sequence[str], study_p
     return section
 
 
-def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str = "") -> Section:
+def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str = "",
+                        resolution: float = 1 / 10_000) -> Section:
     """Each cell's mean test accuracy and mean cost over its finished seeds, with t-intervals, on the
-    same axes: what a setting costs and saves, read off with its uncertainty."""
+    same axes, and each cell against the base cell seed by seed: what a setting costs and saves, read off
+    with its uncertainty. `resolution`: one test image's share of the test set."""
     runs = objectives.measured(runs, list(CELL_COSTS)).assign(
         cell=lambda r: r["ablated_dimension"].where(r["ablated_dimension"] == r["ablated_value"],
                                                     r["ablated_dimension"] + "=" + r["ablated_value"].astype(str)))
@@ -93,8 +97,46 @@ def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str
         lines += [f"### {CELL_ACCURACY} against {cost}", table.to_markdown(index=False, floatfmt=".4g")]
         section.figures.append(pareto_plot.cells_figure(table, "cell", cost, CELL_ACCURACY,
                                                         out / f"{key}cells_{CELL_ACCURACY}_{cost}.png"))
+    against = against_base(runs, resolution)
+    if not against.empty:
+        section.tables[f"{key}cells_against_base"] = against
+        lines += ["### Each cell against the base cell, seed by seed",
+                  f"What a setting costs in accuracy and saves in cost, paired by seed with the base cell: the mean "
+                  f"difference in test accuracy (points) with its paired {level} t-interval, and each cost's change "
+                  f"(%) as the geometric mean of the seeds' ratios with the {level} t-interval of their logarithms. "
+                  f"These intervals are each at {level}, not adjusted: the Holm-adjusted test of each accuracy "
+                  f"difference is in the one-at-a-time tables.",
+                  against.drop(columns=[c for c in against if c.endswith(("_low", "_high"))]).to_markdown(
+                      index=False, floatfmt=".4g")]
     section.markdown = "\n\n".join(lines)
     return section
+
+
+def against_base(runs: pd.DataFrame, resolution: float) -> pd.DataFrame:
+    """Per cell other than the base: the seeds it shares with the base cell where both finished, the paired
+    difference in CELL_ACCURACY (odenet.stats.paired_test, in points) and each cost's change (stats.ratio_interval
+    of cell over base, in %), each with its interval; empty without a base cell or seeds."""
+    if "seed" not in runs or not (runs["cell"] == BASE_CELL).any():
+        return pd.DataFrame()
+    done = runs[pareto.comparable(runs, {CELL_ACCURACY: MAX, **{cost: MIN for cost in CELL_COSTS}})]
+    base = done[done["cell"] == BASE_CELL].drop_duplicates("seed", keep="last").set_index("seed")
+    rows = []
+    for cell, group in done[done["cell"] != BASE_CELL].groupby("cell", sort=False):
+        mine = group.drop_duplicates("seed", keep="last").set_index("seed")
+        seeds = mine.index.intersection(base.index)
+        paired = paired_test(mine.loc[seeds, CELL_ACCURACY].tolist(), base.loc[seeds, CELL_ACCURACY].tolist(),
+                             resolution)
+        accuracy = paired.interval(CONFIDENCE)
+        row = {"cell": cell, "pairs": len(seeds),
+               "Δ test acc, points": paired.not_estimable or accuracy.format(100.0, 2),
+               "diff_mean": accuracy.mean, "diff_low": accuracy.low, "diff_high": accuracy.high}
+        for cost in CELL_COSTS:
+            ratio = ratio_interval(mine.loc[seeds, cost].tolist(), base.loc[seeds, cost].tolist())
+            change = Interval(*((r - 1) * 100 for r in (ratio.mean, ratio.low, ratio.high)), ratio.n)
+            row.update({f"{cost} change %": change.format(1.0, 2), f"{cost}_change": change.mean,
+                        f"{cost}_change_low": change.low, f"{cost}_change_high": change.high})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # -- parameter efficiency as a curve -------------------------------------------------------------------------------

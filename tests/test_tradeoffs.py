@@ -267,3 +267,27 @@ def test_one_at_a_time_cells_are_in_the_report_against_each_cost(tmp_path, monke
     assert list(zip(cells["cell"], cells["n"], cells["test_acc"], cells["epoch_time"])) == [
         ("base", 2, pytest.approx(0.91), pytest.approx(11.0)), ("stride=1", 2, pytest.approx(0.94), pytest.approx(21.0))]
     assert "## Accuracy against cost, per cell" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_cell_against_the_base_reads_as_points_of_accuracy_and_percent_of_cost(tmp_path):
+    base_acc, cell_acc = [0.90, 0.92, 0.91], [0.88, 0.91, 0.89]
+    base_time, cell_time = [10.0, 12.0, 11.0], [5.0, 6.6, 5.0]
+    runs = pd.DataFrame({
+        "status": ["FINISHED"] * 6, "seed": [0, 1, 2] * 2,
+        "ablated_dimension": ["base"] * 3 + ["stride"] * 3, "ablated_value": ["base"] * 3 + ["2"] * 3,
+        "test_acc": base_acc + cell_acc, "mean_fnfe": [20.0] * 6, "mean_bnfe": [30.0] * 3 + [45.0] * 3,
+        "mean_epoch_time_s": base_time + cell_time})
+    section = tradeoffs.one_at_a_time_cells(runs, tmp_path, resolution=1 / 1000)
+    row = section.tables["cells_against_base"].iloc[0]
+    assert (row["cell"], row["pairs"]) == ("stride=2", 3)
+    d = np.subtract(cell_acc, base_acc)
+    half = scipy_stats.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    assert (row["diff_mean"], row["diff_low"], row["diff_high"]) == (
+        pytest.approx(d.mean()), pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+    logs = np.log(np.divide(cell_time, base_time))
+    half = scipy_stats.t.ppf(0.975, 2) * logs.std(ddof=1) / math.sqrt(3)
+    assert (row["epoch_time_change"], row["epoch_time_change_low"], row["epoch_time_change_high"]) == (
+        pytest.approx((math.exp(logs.mean()) - 1) * 100), pytest.approx((math.exp(logs.mean() - half) - 1) * 100),
+        pytest.approx((math.exp(logs.mean() + half) - 1) * 100))
+    assert row["nfe_change"] == pytest.approx((65 / 50 - 1) * 100)  # FNFE + BNFE: 50 in the base, 65 here
+    assert "Each cell against the base cell, seed by seed" in section.markdown
