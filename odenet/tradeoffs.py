@@ -106,8 +106,8 @@ def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str
                   f"(%) as the geometric mean of the seeds' ratios with the {level} t-interval of their logarithms. "
                   f"These intervals are each at {level}, not adjusted: the Holm-adjusted test of each accuracy "
                   f"difference is in the one-at-a-time tables.",
-                  against.drop(columns=[c for c in against if c.endswith(("_low", "_high"))]).to_markdown(
-                      index=False, floatfmt=".4g")]
+                  against[["cell", "pairs", "Δ test acc, points", *(f"{cost} change %" for cost in CELL_COSTS)]]
+                  .to_markdown(index=False)]
     section.markdown = "\n\n".join(lines)
     return section
 
