@@ -244,6 +244,7 @@ def test_a_searchs_front_is_in_its_report_on_the_objectives_its_parent_run_recor
         table = pd.read_csv(tmp_path / "report" / f"{name}.csv")
         cost = name.split("val_acc_")[1]
         assert list(zip(table["val_acc"], table[cost], table["study_setting"])) == expected
+    assert sorted(p.name for p in (tmp_path / "report").glob("pareto_*.csv")) == sorted(f"{n}.csv" for n in fronts)
     logged = {a.path for a in store.list_artifacts(parent, "report")}
     assert {f"report/{name}.csv" for name in fronts} | {"report/pareto_val_acc_against_nfe.png"} <= logged
 
