@@ -154,7 +154,7 @@ def parameter_counts(runs: pd.DataFrame) -> pd.Series:
 def parameter_curves(runs: pd.DataFrame, out: Path, base_model: str, resolution: float, scope: str = "",
                      key: str = "") -> Section:
     """Per data set: test accuracy against trainable parameters per model family (each width: the mean
-    over its finished seeds with a t-interval), a line test_acc = a + b log10(params) per family, and
+    over its finished seeds with odenet.stats.accuracy_interval), a line test_acc = a + b log10(params) per family, and
     the parameters each family needs to reach what `base_model` reaches at each of its widths, with
     Fieller intervals, and the ratio to the base family's need tested (Holm over the section).
     `resolution`: one test image's share of the test set (odenet.stats.accuracy_interval)."""
@@ -221,7 +221,7 @@ def parameter_curves(runs: pd.DataFrame, out: Path, base_model: str, resolution:
         table = pd.DataFrame(rows)
     if not table.empty:
         section.tables[f"{key}parameters_for_accuracy"] = table
-        lines += ["### Parameters each family needs for a given accuracy", _shown_needs(table)]
+        lines += ["### Parameters each family needs for a given accuracy", _shown_needs(table, base_model)]
     section.markdown = "\n\n".join(lines)
     return section
 
@@ -246,10 +246,11 @@ def _needs(model: str, base: str, ratio: float, p: float, level: float, low: flo
             f"(Holm p = {p:.2g})")
 
 
-def _shown_needs(table: pd.DataFrame) -> str:
+def _shown_needs(table: pd.DataFrame, base_model: str) -> str:
     shown = table.assign(**{"params needed": [_interval(m, lo, hi, ".3g") for m, lo, hi in
                                               zip(table["params needed"], table["params_low"], table["params_high"])]})
-    columns = [c for c in ("dataset", "accuracy", shown.columns[2], "model", "params needed", "verdict") if c in shown]
+    columns = [c for c in ("dataset", "accuracy", f"{base_model} width", "model", "params needed", "verdict")
+               if c in shown]
     return shown[columns].fillna("base").to_markdown(index=False, floatfmt=".4g")
 
 
