@@ -61,8 +61,8 @@ def _error(mean: float, low: float, high: float):
 
 def curves_figure(points: pd.DataFrame, lines: dict, family: str, params: str, accuracy: str, path: Path,
                   title: str = "") -> Path:
-    """`accuracy` against `params` (log scale) per `family`: each width's mean with its t-interval
-    (points as odenet.pareto.cells gives them), and the family's fitted line (odenet.stats.Line in
+    """`accuracy` against `params` (log scale) per `family`: each width's mean with its interval
+    (columns `accuracy`, `accuracy`_low, `accuracy`_high and n), and the family's fitted line (odenet.stats.Line in
     log10 parameters) over the widths it ran."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, (name, group) in enumerate(points.groupby(family, sort=False)):
@@ -78,6 +78,6 @@ def curves_figure(points: pd.DataFrame, lines: dict, family: str, params: str, a
                     alpha=0.6)
     ax.set_xscale("log")
     ax.set(xlabel=f"{params} (log scale)", ylabel=accuracy,
-           title=title or f"{accuracy} against {params}: mean and 95% t-interval over seeds per width")
+           title=title or f"{accuracy} against {params} per {family}:\nmean over seeds per width, with its interval")
     ax.legend(fontsize=7)
     return _save(fig, path)
