@@ -82,9 +82,10 @@ def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str
     """Each cell's mean test accuracy and mean cost over its finished seeds, with t-intervals, on the
     same axes, and each cell against the base cell seed by seed: what a setting costs and saves, read off
     with its uncertainty. `resolution`: one test image's share of the test set."""
-    runs = objectives.measured(runs, list(CELL_COSTS)).assign(
-        cell=lambda r: r["ablated_dimension"].where(r["ablated_dimension"] == r["ablated_value"],
-                                                    r["ablated_dimension"] + "=" + r["ablated_value"].astype(str)))
+    dimension, value = runs["ablated_dimension"], runs["ablated_value"].astype(str)
+    # the base cell is "base" whatever value it was tagged with; another cell is "dimension=value"
+    cell = dimension.where((dimension == BASE_CELL) | (dimension == value), dimension + "=" + value)
+    runs = objectives.measured(runs, list(CELL_COSTS)).assign(cell=cell)
     level = f"{CONFIDENCE:.0%}"
     lines = [f"## Accuracy against cost, per cell{scope}",
              f"Each cell: mean over its finished seeds (n) and the {level} t-interval, of test accuracy and of each "
