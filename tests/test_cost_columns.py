@@ -16,6 +16,7 @@ from odenet.tracker import MlflowTracker
 def sqlite_store(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
     return uri
 
 
@@ -34,6 +35,25 @@ def test_a_run_logs_its_batch_size_trainable_parameters_device_model_and_peak_me
     assert tags["device_model"].strip() and tags["device_model"] == machine.cpu_model()
     assert tags["peak_memory_of"] == machine.CPU_PEAK
     assert {"fnfe", "bnfe"} <= set(metrics)
+
+    # the solver re-evaluation at a batch size of its own, named beside its FNFE
+    from sweeps.solver_reevaluation import reevaluate_run
+
+    table = reevaluate_run(tracker.run_id, None, 100, batch_size=50)
+    metrics = MlflowClient(sqlite_store).get_run(tracker.run_id).data.metrics
+    assert metrics["eval_nfe_batch_size"] == 50 and metrics["nfe_batch_size"] == 32
+    assert metrics["eval_fnfe_rk4"] == table.set_index("solver").loc["rk4", "fnfe"] == 40  # T_n 1 at step 0.1
+
+
+def test_a_bad_evaluation_batch_size_is_named_before_anything_starts(capsys, tmp_path, monkeypatch):
+    from sweeps.solver_reevaluation import solver_reevaluation
+    from sweeps.tuning import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/never.db")
+    assert main(solver_reevaluation, ["--experiment", "any", "--eval-batch-size", "0"]) == 2
+    assert "--eval-batch-size 0: expected a whole number of images >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "never.db").exists()
 
 
 def test_a_frozen_parameter_is_not_counted_as_trainable(tiny):
