@@ -107,7 +107,7 @@ def load_runs(experiment: str) -> pd.DataFrame:
         elif column.startswith("metrics."):
             frame[column[len("metrics."):]] = raw[column]
     for tag, default in (("design", SEARCH), ("ablated_dimension", ""), ("ablated_value", ""),
-                         ("failure_cause", ""), ("stopped_by", "")):
+                         ("failure_cause", ""), ("stopped_by", ""), ("device_model", "")):
         values = raw.get(f"tags.{tag}", pd.Series(index=raw.index, dtype=object))
         frame[tag] = values.fillna(default).replace("", default)
     for name in NUMERIC_PARAMS:

@@ -58,6 +58,7 @@ def search_front(runs: pd.DataFrame, out: Path, settings: Sequence[str], study_p
              f"{int(done.sum())} of {len(runs)} trials finished with every objective measured. "
              + "; ".join(f"{name}: {objectives.MEASURES[name].description}"
                          for name in dict.fromkeys(n for front in fronts for n in front))]
+    lines += mixed_costs(runs[done])
     section = Section("")
     for front in fronts:
         label = "_".join(front)
@@ -77,6 +78,25 @@ def search_front(runs: pd.DataFrame, out: Path, settings: Sequence[str], study_p
     return section
 
 
+# What a cost column depends on besides the setting: NFE per batch on the batch size (logged as the
+# batch_size param and, since runs log it, nfe_batch_size), epoch time and memory on the device.
+COST_CONDITIONS = {"batch_size": "NFE per batch grows with the batch size", "device_model": "epoch time and peak "
+                   "memory depend on the device"}
+
+
+def mixed_costs(runs: pd.DataFrame) -> list[str]:
+    """A warning per condition (COST_CONDITIONS) on which these runs differ: their costs then differ by
+    more than their settings."""
+    warnings = []
+    for column, why in COST_CONDITIONS.items():
+        values = runs[column].dropna().astype(str).replace("", np.nan).dropna() if column in runs else pd.Series(dtype=object)
+        if values.nunique() > 1:
+            counts = ", ".join(f"{value} ({n})" for value, n in values.value_counts().items())
+            warnings.append(f"Caution: these trials ran with different {column} values ({counts}): {why}, so their "
+                            f"costs compare only within one {column}.")
+    return warnings
+
+
 def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str = "",
                         resolution: float = 1 / 10_000) -> Section:
     """Each cell's mean test accuracy and mean cost over its finished seeds, with t-intervals, on the
@@ -91,6 +111,7 @@ def one_at_a_time_cells(runs: pd.DataFrame, out: Path, scope: str = "", key: str
              f"Each cell: mean over its finished seeds (n) and the {level} t-interval, of test accuracy and of each "
              f"cost; a cell with one seed has no interval. "
              + "; ".join(f"{name}: {objectives.MEASURES[name].description}" for name in CELL_COSTS)]
+    lines += mixed_costs(runs)
     section = Section("")
     for cost in CELL_COSTS:
         table = pareto.cells(runs, ["cell"], CELL_ACCURACY, cost)

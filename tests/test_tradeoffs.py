@@ -293,3 +293,12 @@ def test_a_cell_against_the_base_reads_as_points_of_accuracy_and_percent_of_cost
         pytest.approx((math.exp(logs.mean() + half) - 1) * 100))
     assert row["nfe_change"] == pytest.approx((65 / 50 - 1) * 100)  # FNFE + BNFE: 50 in the base, 65 here
     assert "Each cell against the base cell, seed by seed" in section.markdown
+
+
+def test_costs_measured_at_different_batch_sizes_or_on_different_devices_are_flagged():
+    runs = pd.DataFrame({"batch_size": ["64", "64", "128"], "device_model": ["AMD EPYC", "NVIDIA H100", ""]})
+    warnings = tradeoffs.mixed_costs(runs)
+    assert len(warnings) == 2
+    assert "different batch_size values (64 (2), 128 (1))" in warnings[0]
+    assert "different device_model values (AMD EPYC (1), NVIDIA H100 (1))" in warnings[1]
+    assert tradeoffs.mixed_costs(runs.iloc[:1]) == [] and tradeoffs.mixed_costs(pd.DataFrame(index=[0])) == []
