@@ -89,7 +89,8 @@ def mixed_costs(runs: pd.DataFrame) -> list[str]:
     more than their settings."""
     warnings = []
     for column, why in COST_CONDITIONS.items():
-        values = runs[column].dropna().astype(str).replace("", np.nan).dropna() if column in runs else pd.Series(dtype=object)
+        values = runs[column].dropna().astype(str) if column in runs else pd.Series(dtype=object)
+        values = values[values != ""]
         if values.nunique() > 1:
             counts = ", ".join(f"{value} ({n})" for value, n in values.value_counts().items())
             warnings.append(f"Caution: these trials ran with different {column} values ({counts}): {why}, so their "

@@ -267,7 +267,8 @@ def test_one_at_a_time_cells_are_in_the_report_against_each_cost(tmp_path, monke
     report.main("effects", str(tmp_path / "report"))
     cells = pd.read_csv(tmp_path / "report" / "cells_test_acc_epoch_time.csv")
     assert list(zip(cells["cell"], cells["n"], cells["test_acc"], cells["epoch_time"])) == [
-        ("base", 2, pytest.approx(0.91), pytest.approx(11.0)), ("stride=1", 2, pytest.approx(0.94), pytest.approx(21.0))]
+        ("base", 2, pytest.approx(0.91), pytest.approx(11.0)),
+        ("stride=1", 2, pytest.approx(0.94), pytest.approx(21.0))]
     assert "## Accuracy against cost, per cell" in (tmp_path / "report" / "report.md").read_text()
 
 
