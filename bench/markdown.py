@@ -19,6 +19,7 @@ from pandas.api.types import is_numeric_dtype
 
 from bench.levers import DEFAULT_REGULARISER_WEIGHT, EVAL_SOLVER
 from bench.results import RESNET_MODEL, WARM_UP_FROM_EPOCHS, Measurements
+from odenet.machine import cpu_model
 
 
 def section(measured: Measurements, device: torch.device, cores: int, wall_s: float, loads: list[float]) -> str:
@@ -72,7 +73,7 @@ def _header(measured: Measurements, device: torch.device, cores: int, wall_s: fl
     lines = [
         f"# Benchmarks on {'the GPU' if device.type == 'cuda' else 'the CPU'}: what a training epoch costs",
         "",
-        f"- Machine: {_cpu_model()}, {cores} cores available, {_memory_gib():.0f} GiB RAM{gpu}; "
+        f"- Machine: {cpu_model()}, {cores} cores available, {_memory_gib():.0f} GiB RAM{gpu}; "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads by default), torchdiffeq "
         f"{getattr(torchdiffeq, '__version__', '?')}; device {device}.",
@@ -147,16 +148,6 @@ def _cell(v: Any, accuracy: bool = False) -> str:
     if magnitude >= 1:
         return f"{v:.2f}"
     return f"{v:.3f}"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _memory_gib() -> float:

@@ -57,6 +57,7 @@ class TestReport:
     per_class: pd.DataFrame  # precision, recall, f1, support, average precision, ROC AUC
     params_total: int
     params_outside_head: int
+    params_trainable: int
 
     def metrics(self) -> dict[str, float]:
         """The flat final metrics a run logs."""
@@ -66,6 +67,7 @@ class TestReport:
             "test_fnfe": self.fnfe,
             "params_total": self.params_total,
             "params_outside_head": self.params_outside_head,
+            "params_trainable": self.params_trainable,
             "test_macro_ap": float(self.per_class["average_precision"].mean()),
             "test_macro_auc": float(self.per_class["roc_auc"].mean()),
         }

@@ -244,10 +244,12 @@ class Classifier(nn.Module):
 
 
 def parameter_counts(model: Classifier) -> dict[str, int]:
-    """Parameters in total and outside the linear head (the study's two counts)."""
+    """Parameters in total and outside the linear head (the study's two counts), and those that
+    train (the cost a parameter-efficiency curve counts)."""
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.head.parameters())
-    return {"params_total": total, "params_outside_head": total - head}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params_total": total, "params_outside_head": total - head, "params_trainable": trainable}
 
 
 def build(config: RunConfig) -> Classifier:

@@ -57,3 +57,27 @@ def _error(mean: float, low: float, high: float):
         return None
     return [[mean - low], [high - mean]]
 
+
+
+def curves_figure(points: pd.DataFrame, lines: dict, family: str, params: str, accuracy: str, path: Path,
+                  title: str = "") -> Path:
+    """`accuracy` against `params` (log scale) per `family`: each width's mean with its interval
+    (columns `accuracy`, `accuracy`_low, `accuracy`_high and n), and the family's fitted line (odenet.stats.Line in
+    log10 parameters) over the widths it ran."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (name, group) in enumerate(points.groupby(family, sort=False)):
+        group = group.sort_values(params)
+        yerr = np.array([[0.0, 0.0] if e is None else [e[0][0], e[1][0]] for e in
+                         (_error(m, lo, hi) for m, lo, hi in zip(group[accuracy], group[f"{accuracy}_low"],
+                                                                 group[f"{accuracy}_high"]))]).T
+        ax.errorbar(group[params], group[accuracy], yerr=yerr, fmt="o", color=f"C{i % 10}", capsize=3,
+                    label=f"{name} (n per width: {'/'.join(str(n) for n in group['n'])})")
+        if name in lines:
+            x = np.log10(group[params].to_numpy(dtype=float))
+            ax.plot(10 ** x, lines[name].intercept + lines[name].slope * x, color=f"C{i % 10}", linewidth=1,
+                    alpha=0.6)
+    ax.set_xscale("log")
+    ax.set(xlabel=f"{params} (log scale)", ylabel=accuracy,
+           title=title or f"{accuracy} against {params} per {family}:\nmean over seeds per width, with its interval")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from odenet import envvars
+from odenet import envvars, machine
 from odenet.config import RunConfig
 from odenet.train import resolve_device
 
@@ -19,13 +19,17 @@ from odenet.train import resolve_device
 def run_tags(config: RunConfig) -> dict[str, str]:
     """Tags that say what ran where: model, data set, code version, library versions, host."""
     commit = git_commit()
+    device = resolve_device(config.device)
     tags = {
         "model": config.model,
         "dataset": config.dataset,
         "git_commit": commit,
         "python_version": platform.python_version(),
         "host": socket.gethostname(),
-        "device": str(resolve_device(config.device)),
+        "device": str(device),
+        # what the epoch times and peak memory were measured on, and how the memory was
+        "device_model": machine.device_model(device),
+        "peak_memory_of": machine.peak_memory_method(device),
     }
     for package in ("torch", "torchdiffeq", "ray", "mlflow"):
         tags[f"{package}_version"] = package_version(package)

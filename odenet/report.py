@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from odenet import plots, progress, tracking
+from odenet import plots, progress, tracking, tradeoffs
 from odenet.evaluate import REEVALUATION_SOLVERS
 from odenet.failures import Diverged
 from odenet.stats import (ALPHA, MIN_PAIRS, RANGE_UP_TO, Interval, Paired, accuracy_interval, holm, mean_interval,
@@ -38,7 +38,7 @@ from odenet.sweep_record import PARENT, ROLE_TAG, find_parent_run
 # The designs a run's `design` tag names, and the `ablated_dimension` of a one-at-a-time base
 # cell: the sweeps write them (sweeps/designs.py), the report reads them.
 SEARCH, ONE_AT_A_TIME, PARAMETER_EFFICIENCY = "search", "one-at-a-time", "parameter-efficiency"
-BASE = "base"
+BASE = tradeoffs.BASE_CELL
 # Numbers logged as params, read back as numbers.
 NUMERIC_PARAMS = ("stride", "final_time", "augment_dims", "lr", "weight_decay", "width", "seed", "subset",
                   "test_subset")
@@ -68,6 +68,12 @@ class Report:
 
     def markdown(self) -> str:
         return "\n\n".join([f"# {self.title}", *self.sections]) + "\n"
+
+    def add(self, section: tradeoffs.Section) -> None:
+        """A section built elsewhere (odenet.tradeoffs), with its tables and figures."""
+        self.sections.append(section.markdown)
+        self.tables.update(section.tables)
+        self.figures.extend(section.figures)
 
 
 # -- the runs ------------------------------------------------------------------------------------
@@ -103,7 +109,7 @@ def load_runs(experiment: str) -> pd.DataFrame:
         elif column.startswith("metrics."):
             frame[column[len("metrics."):]] = raw[column]
     for tag, default in (("design", SEARCH), ("ablated_dimension", ""), ("ablated_value", ""),
-                         ("failure_cause", ""), ("stopped_by", "")):
+                         ("failure_cause", ""), ("stopped_by", ""), ("device_model", "")):
         values = raw.get(f"tags.{tag}", pd.Series(index=raw.index, dtype=object))
         frame[tag] = values.fillna(default).replace("", default)
     for name in NUMERIC_PARAMS:
@@ -334,16 +340,22 @@ def one_at_a_time(runs: pd.DataFrame, scope: str, curves: dict[str, pd.DataFrame
 
 def parameter_efficiency(runs: pd.DataFrame, scope: str, curves: dict[str, pd.DataFrame]) -> tuple[list[str], list]:
     extra = ("params_total", "params_outside_head")
+    # --widths: models compare with each other at one width; the curve over widths is its own section
+    widths = (runs["width"].map(lambda w: "study's" if pd.isna(w) else f"{w:g}") if "width" in runs
+              else pd.Series("study's", runs.index))
+    several = widths.nunique() > 1
     lines = [f"## Parameter efficiency{scope}",
              f"Each model trained over {runs['seed'].nunique()} seed(s) with the same settings, compared with "
-             f"{BASE_MODEL} seed by seed."]
+             f"{BASE_MODEL} seed by seed" + (f" at each of {widths.nunique()} widths." if several else ".")]
     comparisons = []
-    for dataset, on_dataset in runs.groupby("dataset"):
+    for (dataset, width), on_dataset in runs.groupby(["dataset", widths], sort=False):
         models = list(dict.fromkeys(on_dataset["model"]))
         base = BASE_MODEL if BASE_MODEL in models else models[0]
         groups = {model: on_dataset[on_dataset["model"] == model] for model in [base] + [m for m in models if m != base]}
         table = comparison_table(groups, base, curves, extra=extra)
-        comparisons.append(Comparison(f"{_key(scope)}parameter_efficiency_{dataset}", f"### {dataset}", "model",
+        name = f"{dataset}_width{width}" if several else dataset
+        heading = f"### {dataset}, width {width}" if several else f"### {dataset}"
+        comparisons.append(Comparison(f"{_key(scope)}parameter_efficiency_{name}", heading, "model",
                                       base, groups, table, _curves_by_value(groups, curves), extra))
     return lines, comparisons
 
@@ -625,11 +637,24 @@ def build(experiment: str, out_dir: Path, parent=None) -> Report:
                 comparisons += found
                 writers.append(lambda lines=lines, found=found: report.sections.append("\n\n".join(
                     lines + [line for c in found for line in render(c, report, out_dir)])))
+        efficiency = runs[runs["design"] == PARAMETER_EFFICIENCY]
+        if "width" in efficiency and efficiency["width"].nunique() > 1:
+            writers.append(lambda efficiency=efficiency, scope=scope: report.add(
+                tradeoffs.parameter_curves(efficiency, out_dir, BASE_MODEL, 1 / test_images(efficiency), scope,
+                                           _key(scope))))
+        if ONE_AT_A_TIME in set(runs["design"]):
+            writers.append(lambda cells=runs[runs["design"] == ONE_AT_A_TIME], scope=scope: report.add(
+                tradeoffs.one_at_a_time_cells(cells, out_dir, scope, _key(scope), 1 / test_images(cells))))
         if SEARCH in set(runs["design"]):
             searched = runs[runs["design"] == SEARCH]
-            writers.append(lambda searched=searched, scope=scope, sweep_parent=_parent(runs, parent): search(
-                searched, report, out_dir, histories(searched["run_id"]), searched_dimensions(sweep_parent, frame),
-                scope))
+            sweep_parent = _parent(runs, parent)
+            dimensions = searched_dimensions(sweep_parent, frame)
+            writers.append(lambda searched=searched, scope=scope, dimensions=dimensions: search(
+                searched, report, out_dir, histories(searched["run_id"]), dimensions, scope))
+            writers.append(lambda searched=searched, scope=scope, dimensions=dimensions, sweep_parent=sweep_parent:
+                           report.add(tradeoffs.search_front(searched, out_dir, dimensions, study_points(),
+                                                             tradeoffs.sweep_objectives(sweep_parent), scope,
+                                                             _key(scope))))
         writers.append(lambda runs=runs, scope=scope: solver_reevaluation(runs, report, out_dir, scope))
     family = adjust(comparisons)
     if comparisons:
@@ -637,6 +662,13 @@ def build(experiment: str, out_dir: Path, parent=None) -> Report:
     for write in writers:
         write()
     return report
+
+
+def study_points() -> list[dict]:
+    """The study's own settings, which a search evaluates first: marked on its Pareto front."""
+    from sweeps.architecture_ablation import STUDY_POINTS  # the sweep declares them; imported late (it imports us)
+
+    return STUDY_POINTS
 
 
 def _parent(runs: pd.DataFrame, fallback):

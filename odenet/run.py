@@ -8,6 +8,7 @@ results end up.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import traceback
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from odenet import data, progress
+from odenet import data, machine, progress
 from odenet.config import RunConfig
 from odenet.evaluate import REEVALUATION_SOLVERS, TestReport, evaluate, reevaluate
 from odenet.failures import Diverged, solver_failures
@@ -30,18 +31,26 @@ from odenet.train import (BEST_CHECKPOINT, CHECKPOINT_FILE, EpochCallback, Epoch
                           load_checkpoint, resolve_device)
 
 
+# The run's cost columns beside FNFE and BNFE: the images per batch that fnfe, bnfe, val_fnfe and
+# test_fnfe are means over (an adaptive solver's count per batch grows with it), and the peak memory.
+NFE_BATCH_SIZE, PEAK_MEMORY = "nfe_batch_size", "peak_memory_mib"
+
+
 @dataclass
 class RunOutcome:
     config: RunConfig
     fitted: FitResult
     report: TestReport
     reevaluation: pd.DataFrame | None
+    peak_memory_mib: float = math.nan  # as machine.peak_memory_method says, for the run's device
 
     def final_metrics(self) -> dict[str, float]:
-        """Test metrics, parameter counts, the history's summary and the solver re-evaluation, flat."""
-        metrics = {**self.report.metrics(), **summarize([m.as_dict() for m in self.fitted.history])}
+        """Test metrics, parameter counts, the history's summary, the solver re-evaluation and the
+        run's cost columns, flat."""
+        metrics = {**self.report.metrics(), **summarize([m.as_dict() for m in self.fitted.history]),
+                   NFE_BATCH_SIZE: self.config.batch_size, PEAK_MEMORY: self.peak_memory_mib}
         if self.reevaluation is not None:
-            metrics.update(reevaluation_metrics(self.reevaluation))
+            metrics.update(reevaluation_metrics(self.reevaluation, self.config.batch_size))
         return metrics
 
 
@@ -166,7 +175,9 @@ def execute(
 
     metadata: dict[str, Any] = {"tracking_run_id": run_id} if run_id else {}
     try:
-        splits = data.load(config, resolve_device(config.device))
+        device = resolve_device(config.device)
+        machine.reset_peak_memory(device)
+        splits = data.load(config, device)
         if progress.mode() != progress.OFF:
             progress.say(str(plan(config, splits, len(history))))
         fitted = fit(config, splits, on_epoch=epoch_done, checkpoint_dir=checkpoint_dir,
@@ -189,7 +200,7 @@ def execute(
     except BaseException:
         tracker.abort()  # interrupted (Ctrl-C): KILLED, resumable
         raise
-    outcome = RunOutcome(config, fitted, test_report, reevaluation)
+    outcome = RunOutcome(config, fitted, test_report, reevaluation, machine.peak_memory_mib(device))
     tracker.finish(outcome)
     return outcome
 

@@ -172,3 +172,68 @@ def verdict(paired: Paired, adjusted_p: float, interval: Interval, unit: str = "
     direction = "higher" if paired.mean > 0 else "lower"
     return (f"{direction} by {abs(paired.mean) * scale:.2g} {unit}: Δ {interval.format(scale, 2)} "
             f"(Holm p = {adjusted_p:.2g})")
+
+
+# -- a fitted line read backwards: the x at which a curve reaches a given y ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """y = intercept + slope * x fitted by ordinary least squares (statsmodels OLS), with the
+    coefficients' covariance; read backwards by `x_at` (inverse prediction, or calibration)."""
+
+    intercept: float
+    slope: float
+    cov: tuple[tuple[float, float], tuple[float, float]]  # of (intercept, slope)
+    dof: int
+    n: int
+    r2: float
+
+    def x_at(self, y: float) -> float:
+        return (y - self.intercept) / self.slope
+
+    def x_se(self, y: float) -> float:
+        """Delta-method standard error of x_at(y): d x / d intercept = -1/slope, d x / d slope = -x/slope."""
+        x = self.x_at(y)
+        (vaa, vab), (_, vbb) = self.cov
+        return math.sqrt(max(vaa + 2 * x * vab + x * x * vbb, 0.0)) / abs(self.slope)
+
+    def x_interval(self, y: float, confidence: float = CONFIDENCE) -> Interval:
+        """Fieller's interval for x_at(y): the x where the line's confidence band for its mean holds y,
+        solving (a + b x - y)^2 <= t^2 var(a + b x). Bounded only where the slope differs from 0 at
+        `confidence`; otherwise the bounds are NaN (the curve is too flat to say where it reaches y)."""
+        t = stats.t.ppf(1 - (1 - confidence) / 2, self.dof)
+        (vaa, vab), (_, vbb) = self.cov
+        d = self.intercept - y
+        a2 = self.slope ** 2 - t * t * vbb
+        a1 = d * self.slope - t * t * vab
+        a0 = d * d - t * t * vaa
+        if a2 <= 0 or a1 * a1 - a2 * a0 < 0:
+            return Interval(self.x_at(y), math.nan, math.nan, self.n)
+        root = math.sqrt(a1 * a1 - a2 * a0)
+        return Interval(self.x_at(y), (-a1 - root) / a2, (-a1 + root) / a2, self.n)
+
+
+def fit_line(x: Sequence[float], y: Sequence[float]) -> Line:
+    """OLS of y on x (statsmodels) over the pairs where both are numbers; needs 3 pairs and 2 distinct x."""
+    import statsmodels.api as sm
+
+    pairs = np.array([(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))], dtype=float)
+    if len(pairs) < 3 or np.ptp(pairs[:, 0]) == 0:
+        raise ValueError(f"a line needs at least 3 points at 2 or more x values, got {len(pairs)}")
+    fitted = sm.OLS(pairs[:, 1], sm.add_constant(pairs[:, 0])).fit()
+    cov = np.asarray(fitted.cov_params())
+    return Line(float(fitted.params[0]), float(fitted.params[1]), ((cov[0, 0], cov[0, 1]), (cov[1, 0], cov[1, 1])),
+                int(fitted.df_resid), len(pairs), float(fitted.rsquared))
+
+
+def x_difference(line: Line, base: Line, y: float) -> Paired:
+    """line.x_at(y) - base.x_at(y) for two independently fitted lines: delta-method standard error,
+    Welch-Satterthwaite degrees of freedom, two-sided t-test of no difference (as a Paired, so that
+    its interval at Holm's level and its verdict read as every other comparison's)."""
+    diff = line.x_at(y) - base.x_at(y)
+    v1, v2 = line.x_se(y) ** 2, base.x_se(y) ** 2
+    se = math.sqrt(v1 + v2)
+    dof = (v1 + v2) ** 2 / (v1 ** 2 / line.dof + v2 ** 2 / base.dof) if v1 + v2 > 0 else line.dof + base.dof
+    p = float(2 * stats.t.sf(abs(diff) / se, dof)) if se > 0 else math.nan
+    return Paired(diff, se, dof, p, line.n + base.n)

@@ -53,9 +53,15 @@ def reevaluation_metric(kind: str, solver: str) -> str:
     return f"eval_{kind}_{solver}"
 
 
-def reevaluation_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """A re-evaluation table (solver, accuracy, fnfe) as the flat metrics a run logs."""
-    metrics = {}
+# The images per batch the re-evaluation's eval_fnfe_* are means over: an adaptive solver's
+# count grows with the batch (its hardest image sets the steps), so they compare at one size.
+REEVALUATION_BATCH_SIZE = "eval_nfe_batch_size"
+
+
+def reevaluation_metrics(table: pd.DataFrame, batch_size: int) -> dict[str, float]:
+    """A re-evaluation table (solver, accuracy, fnfe) at `batch_size` images per batch as the flat
+    metrics a run logs."""
+    metrics = {REEVALUATION_BATCH_SIZE: batch_size}
     for row in table.itertuples():
         metrics[reevaluation_metric("acc", row.solver)] = float(row.accuracy)
         metrics[reevaluation_metric("fnfe", row.solver)] = float(row.fnfe)

@@ -7,6 +7,9 @@ or given as flags (--lr, --final-time, ... or --config FILE):
 
     ray job submit --working-dir . -- python sweeps/parameter_efficiency.py \\
         --from-experiment architecture_ablation
+
+--widths 8,16,32,64 trains every model at each width too (default: the study's width only),
+so that the report draws test accuracy against trainable parameters per family.
 """
 
 from __future__ import annotations
@@ -37,22 +40,42 @@ def parameter_efficiency(argv: Sequence[str] | None = None):
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models (default: all five)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated data sets (default: both)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per model and data set (default: 3)")
+    parser.add_argument("--widths", metavar="W1,W2,...",
+                        help="train each model at each of these widths (channels C), e.g. 8,16,32,64, for a curve of "
+                             "accuracy against parameters (default: the study's width only)")
     parser.add_argument("--from-experiment", metavar="NAME",
                         help="take the hyperparameters of the best trial of this finished sweep")
     args, base = tuning.parse_args(parser, argv, SMOKE)
-    if args.seeds < 1:
-        raise SweepError([f"--seeds {args.seeds}: expected at least 1"])
+    errors = [f"--seeds {args.seeds}: expected at least 1"] if args.seeds < 1 else []
+    widths = parse_widths(args.widths, errors) if args.widths is not None else None
+    if errors:
+        raise SweepError(errors)
     if args.from_experiment:
         base = base.replace(**best_hyperparameters(args.from_experiment))
     space = {
         "model": dimension("model", grid(*args.models.split(","))),
         "dataset": dimension("dataset", grid(*args.datasets.split(","))),
+        **({"width": dimension("width", grid(*widths))} if widths else {}),
         "seed": dimension("seed", grid(*range(args.seeds))),
     }
     sweep = tuning.start(args, base, space, PROGRAM, design=PARAMETER_EFFICIENCY, num_samples=1)
     if sweep is None:  # --estimate printed the cost
         return None
     return sweep.fit({name: dim.to_tune() for name, dim in space.items()})
+
+
+def parse_widths(text: str, errors: list[str]) -> list[int]:
+    """The widths of --widths '8,16,32,64': distinct whole numbers >= 1; each problem goes to `errors`."""
+    widths = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item.isdigit() or int(item) < 1:
+            errors.append(f"--widths {text!r}: {item!r} is not a width; expected whole numbers >= 1 separated by "
+                          f"commas, e.g. --widths 8,16,32,64")
+        elif int(item) in widths:
+            errors.append(f"--widths {text!r}: {item} is given twice; give each width once, e.g. --widths 8,16,32,64")
+        else:
+            widths.append(int(item))
+    return widths
 
 
 def best_hyperparameters(experiment: str) -> dict:

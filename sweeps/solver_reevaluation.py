@@ -5,6 +5,11 @@ on the test set with euler, rk4 and dopri5 at rtol = atol = 1e-3, 1e-2, 1e-1, as
 tasks in parallel; accuracy and mean FNFE go back into each run as eval_* metrics.
 
     python sweeps/solver_reevaluation.py --experiment architecture_ablation
+
+Each run is evaluated at its own batch size unless --eval-batch-size N sets one for all: an
+adaptive solver's FNFE per batch grows with the batch (its hardest image sets the steps), so
+the eval_fnfe_* columns of runs trained at different batch sizes compare only at one N
+(logged as eval_nfe_batch_size).
 """
 
 from __future__ import annotations
@@ -30,19 +35,22 @@ from sweeps.tuning import main, worker_env
 REEVALUATED_IMAGES = "reevaluated_test_images"
 
 
-def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None) -> pd.DataFrame:
-    """Re-evaluate one logged run and log the results back into it."""
+def reevaluate_run(run_id: str, data_dir: str | None, test_subset: int | None,
+                   batch_size: int | None = None) -> pd.DataFrame:
+    """Re-evaluate one logged run, at `batch_size` images per batch (default: the run's own), and
+    log the results back into it."""
     from mlflow.entities import Metric
 
     from odenet.evaluate import reevaluate
     from odenet.models import SolverSettings
 
     config, model, splits, _ = load_logged_run(run_id, data_dir=data_dir, test_subset=test_subset)
-    table = reevaluate(model, splits.test, SolverSettings.of(config), config.batch_size)
+    batch_size = batch_size or config.batch_size
+    table = reevaluate(model, splits.test, SolverSettings.of(config), batch_size)
     now = int(time.time() * 1000)
     # The trial logged the same eval_* metrics after training; the images this re-evaluation
     # used are its own mark on the run.
-    values = {**reevaluation_metrics(table), REEVALUATED_IMAGES: len(splits.test)}
+    values = {**reevaluation_metrics(table, batch_size), REEVALUATED_IMAGES: len(splits.test)}
     metrics = [Metric(name, value, now, 0) for name, value in values.items()]
     tracking.client().log_batch(run_id, metrics=metrics)
     return table.assign(run_id=run_id, model=config.model, dataset=config.dataset, test_images=len(splits.test))
@@ -65,9 +73,15 @@ def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--experiment", required=True, help="MLflow experiment of a finished sweep")
     parser.add_argument("--data-dir", help="data folder (default $ODENET_DATA_DIR)")
     parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
+    parser.add_argument("--eval-batch-size", type=int, metavar="N",
+                        help="evaluate every run at N images per batch, so their FNFE compare (default: each "
+                             "run's own batch size)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0)
     parser.add_argument("--gpus-per-task", type=float, default=0.0)
     args = parser.parse_args(argv)
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise SweepError([f"--eval-batch-size {args.eval_batch_size}: expected a whole number of images >= 1, "
+                          f"e.g. --eval-batch-size 128"])
 
     tracking.check_server()
     client = tracking.client()
@@ -86,7 +100,7 @@ def solver_reevaluation(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
     ray.init(runtime_env={"env_vars": worker_env()})
     task = ray.remote(num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)(reevaluate_run)
-    pending = [task.remote(r.info.run_id, args.data_dir, args.test_subset) for r in runs]
+    pending = [task.remote(r.info.run_id, args.data_dir, args.test_subset, args.eval_batch_size) for r in runs]
     tables = []
     with progress.phase(f"re-evaluation with {len(REEVALUATION_SOLVERS)} solvers", len(runs), "runs") as advance:
         for task_done in pending:  # in order, so the tables follow the runs
