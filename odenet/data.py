@@ -1,11 +1,10 @@
 """Data sets as tensors on the training device, batches as index slices.
 
-FashionMNIST and CIFAR-10 are read from a data folder, downloaded there by torchvision when
-the machine is online: FashionMNIST's IDX files by this module, CIFAR-10's batches by
-torchvision's dataset class. Offline, FashionMNIST is imported from a folder of its original
-IDX `.gz` files (Debian/Ubuntu package `dataset-fashion-mnist`). Small images fit on the
-device whole, so there are no DataLoader workers: an epoch is a permutation and a batch is a
-slice of it.
+FashionMNIST and CIFAR-10 are read with torchvision's dataset classes from a data
+folder, downloaded there when the machine is online. Offline, FashionMNIST is
+imported from a folder of its original IDX `.gz` files (Debian/Ubuntu package
+`dataset-fashion-mnist`). Small images fit on the device whole, so there are no
+DataLoader workers: an epoch is a permutation and a batch is a slice of it.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torchvision.datasets import CIFAR10, FashionMNIST
 
 from odenet import envvars
 from odenet.config import RunConfig
@@ -159,53 +159,21 @@ def _fashion_mnist(root: Path):
         if idx_dir is not None:
             import_fashion_mnist_idx(idx_dir, root)
         else:
-            _download(lambda: _torchvision_datasets().FashionMNIST(root, train=True, download=True), "FashionMNIST",
-                      raw, "install the Debian/Ubuntu package dataset-fashion-mnist, or set "
+            _download(lambda: FashionMNIST(root, train=True, download=True), "FashionMNIST", raw,
+                      "install the Debian/Ubuntu package dataset-fashion-mnist, or set "
                       f"{envvars.FASHION_MNIST_IDX} to a folder of its IDX .gz files")
     splits = []
-    for files in (FASHION_MNIST_FILES[:2], FASHION_MNIST_FILES[2:]):
+    for train in (True, False):
         try:
-            images, labels = (_read_idx(raw / name) for name in files)
-        except (ValueError, OSError) as exc:
+            ds = FashionMNIST(root, train=train, download=False)
+        except (RuntimeError, ValueError, OSError, IndexError) as exc:
+            files = FASHION_MNIST_FILES[:2] if train else FASHION_MNIST_FILES[2:]
             raise DataError(
                 f"FashionMNIST files in {raw} ({', '.join(files)}) cannot be read: {exc}. "
                 f"Delete them and run again to import or download a fresh copy."
             ) from exc
-        splits.append((images.unsqueeze(1), labels.long()))
+        splits.append((ds.data.unsqueeze(1), ds.targets))
     return splits
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """An IDX file of unsigned bytes as a uint8 tensor of the shape its header gives. Read here,
-    not by torchvision, whose import (torch._dynamo through torchvision.ops) costs every
-    training process about as much CPU time as torch's own."""
-    data = path.read_bytes()
-    dims = _idx_dims(data)
-    if dims is None:
-        raise ValueError(f"{path.name} is not an IDX file of unsigned bytes")
-    offset, size = 4 + 4 * len(dims), _idx_size(dims)
-    if len(data) != size:
-        raise ValueError(f"{path.name} holds {len(data)} bytes, its header promises {size}")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=offset).reshape(dims)
-
-
-def _idx_dims(data: bytes) -> list[int] | None:
-    """The dimensions an IDX file of unsigned bytes declares; None if it is not one."""
-    if len(data) < 8 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        return None
-    return [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
-
-
-def _idx_size(dims: list[int]) -> int:
-    """The bytes an IDX file of unsigned bytes with these dimensions holds: header and values."""
-    return 4 + 4 * len(dims) + int(torch.tensor(dims).prod()) if dims else 4
-
-
-def _torchvision_datasets():
-    """torchvision's datasets, imported only where a download or CIFAR-10 needs them (see _read_idx)."""
-    import torchvision.datasets
-
-    return torchvision.datasets
 
 
 def import_fashion_mnist_idx(idx_dir: Path, root: Path) -> None:
@@ -239,11 +207,12 @@ def import_fashion_mnist_idx(idx_dir: Path, root: Path) -> None:
 def _check_idx(path: Path, source: Path) -> None:
     """An IDX file's header promises a size; a shorter file is truncated."""
     data = path.read_bytes()
-    dims = _idx_dims(data)
-    if dims is None:
+    if len(data) < 8 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         path.unlink()
         raise DataError(f"FashionMNIST file {source} is not an IDX file of unsigned bytes")
-    expected = _idx_size(dims)
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(torch.tensor(dims).prod()) if dims else 4
     if len(data) != expected:
         path.unlink()
         raise DataError(
@@ -258,12 +227,12 @@ def _check_idx(path: Path, source: Path) -> None:
 def _cifar10(root: Path):
     folder = root / "cifar-10-batches-py"
     if not all((folder / name).exists() for name in CIFAR10_FILES):
-        _download(lambda: _torchvision_datasets().CIFAR10(root, train=True, download=True), "CIFAR-10", folder,
+        _download(lambda: CIFAR10(root, train=True, download=True), "CIFAR-10", folder,
                   "download cifar-10-python.tar.gz on a machine with internet and unpack it there")
     splits = []
     for train in (True, False):
         try:
-            ds = _checked_cifar10()(root, train=train, download=False)
+            ds = _CheckedCifar10(root, train=train, download=False)
         except Exception as exc:  # torchvision's unpickling raises many kinds
             names = CIFAR10_FILES[:5] if train else CIFAR10_FILES[5:]
             raise DataError(
@@ -275,19 +244,15 @@ def _cifar10(root: Path):
     return splits
 
 
-def _checked_cifar10():
-    """torchvision's CIFAR10, which checks the official files' MD5 sums and so rejects any
-    re-packed copy (and the small files tests write): here presence is checked, readability
-    by unpickling them."""
+class _CheckedCifar10(CIFAR10):
+    # torchvision checks the official files' MD5 sums, which rejects any re-packed copy
+    # (and the small files tests write); presence is checked here, readability by
+    # unpickling them.
+    def _check_integrity(self) -> bool:
+        return all((Path(self.root) / self.base_folder / name).exists() for name in CIFAR10_FILES)
 
-    class CheckedCifar10(_torchvision_datasets().CIFAR10):
-        def _check_integrity(self) -> bool:
-            return all((Path(self.root) / self.base_folder / name).exists() for name in CIFAR10_FILES)
-
-        def _load_meta(self) -> None:
-            self.classes = list(CLASS_NAMES["cifar10"])
-
-    return CheckedCifar10
+    def _load_meta(self) -> None:
+        self.classes = list(CLASS_NAMES["cifar10"])
 
 
 def _download(fetch, name: str, where: Path, offline_hint: str) -> None:
