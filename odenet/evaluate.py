@@ -9,12 +9,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (
-    average_precision_score,
-    classification_report,
-    confusion_matrix,
-    roc_auc_score,
-)
 
 from odenet import progress
 from odenet.data import Split
@@ -100,6 +94,10 @@ def predict(model: Classifier, split: Split, batch_size: int, phase: str = "eval
 
 def evaluate(model: Classifier, split: Split, class_names: tuple[str, ...], batch_size: int) -> TestReport:
     """Accuracy, loss, confusion matrix, classification report, per-class AP and ROC AUC."""
+    # Imported here: scikit-learn takes about a second to import, which a process that only
+    # trains (a benchmark's measurement, a sweep's driver) need not pay.
+    from sklearn.metrics import average_precision_score, classification_report, confusion_matrix, roc_auc_score
+
     predictions = predict(model, split, batch_size, "test evaluation")
     classes = list(range(len(class_names)))
     scores = classification_report(predictions.labels, predictions.predicted, labels=classes,

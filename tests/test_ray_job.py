@@ -22,6 +22,8 @@ RAY = str(REPO / ".venv" / "bin" / "ray")
 RECIPE_HEADING = "### On a local Ray cluster"
 # The README says any sweep flag may follow --smoke, and names these for a quicker check.
 QUICK = "--num-samples 2 --max-epochs 1"
+# Appended after them here: what these tests check is the job path, not the trials' sizes.
+SMALLER = "--subset 512 --width 4 --test-subset 100 --no-reevaluate"
 MARK = "=== recipe:"
 # What a demo, a run and a report write into the checkout: none of it may be uploaded.
 STATE = ("ray_results/", "mlruns.db", "mlartifacts/", "runs/", "report/")
@@ -55,7 +57,8 @@ def checkout(tmp_path_factory, real_data_dir):
 
     home = tmp_path_factory.mktemp("home")
     env = user_env(home, real_data_dir)
-    demo = run_script([f"{PYTHON} sweeps/architecture_ablation.py --smoke --num-samples 1 --max-epochs 1",
+    demo = run_script([f"{PYTHON} sweeps/architecture_ablation.py --smoke --num-samples 1 --max-epochs 1 "
+                       f"{SMALLER}",
                        f"{PYTHON} -m odenet.cli train --model resnet-small --width 4 --subset 256 --test-subset 100 "
                        f"--max-epochs 1 --no-reevaluate",
                        f"{PYTHON} -m odenet.cli report --experiment odenet --out report"],
@@ -97,7 +100,7 @@ def test_the_readme_recipe_twice_runs_two_new_sweeps_whose_runs_outlive_the_clus
     for line in lines:
         if line == submit:
             for n in (1, 2):
-                script += [f"echo '{MARK} submission {n}'", f"{submit} {QUICK}"]
+                script += [f"echo '{MARK} submission {n}'", f"{submit} {QUICK} {SMALLER}"]
         elif line == ui:
             # The UI blocks: start it, list the experiments it serves, stop it.
             lister = root.parent / "list_experiments.py"

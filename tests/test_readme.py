@@ -32,14 +32,18 @@ from tests.test_ray_job import RECIPE_HEADING, readme_recipe
 KUBERNETES = "## Run on Kubernetes"
 CLUSTER_TOOLS = ("kubectl", "helm", "docker", "terraform", "kind", "aws", "sed")
 TINY = ["--max-epochs", "1", "--subset", "512", "--width", "4", "--test-subset", "100"]
+ABLATED = "optimizer"  # the dimension the one-at-a-time designs ablate here (SMALLER)
 # Appended to a command to run it at the smallest sizes it accepts (argparse: the last flag
 # wins); the first entry whose fragments the command holds applies. A one-at-a-time design
-# ablates the optimizer: two values, so two cells of two seeds (the fewest a verdict needs).
+# ablates the optimizer: two values, so two cells of two seeds (the fewest a verdict needs);
+# the --smoke one checks the design's path, not seeds: one seed each (the named one checks seeds).
 SMALLER = [
     (("make demo",), [f'DEMO_ARGS="--num-samples 2 {" ".join(TINY)}"']),
     (("odenet train",), [*TINY, "--no-reevaluate"]),
+    (("sweeps/architecture_ablation.py", "--smoke", "--design one-at-a-time"),
+     [*TINY, "--seeds", "1", "--dimensions", ABLATED, "--no-reevaluate"]),
     (("sweeps/architecture_ablation.py", "--design one-at-a-time"),
-     [*TINY, "--seeds", "2", "--dimensions", "optimizer", "--no-reevaluate"]),
+     [*TINY, "--seeds", "2", "--dimensions", ABLATED, "--no-reevaluate"]),
     # the demo above already runs the search smoke with two trials
     (("sweeps/architecture_ablation.py", "--smoke"), [*TINY, "--num-samples", "1"]),
     # its trials do not re-evaluate: then the eval_* metrics are solver_reevaluation.py's
@@ -50,7 +54,6 @@ SMALLER = [
     (("sweeps/solver_reevaluation.py",), ["--test-subset", "100"]),
 ]
 STEP = "=== step"
-ABLATED = "optimizer"  # the dimension the one-at-a-time designs ablate here (SMALLER)
 COST_HEADING = "### What a sweep will cost"
 # Run after the README command that holds the fragment, in its shell: a stack the README brought
 # up with `eval "$(... up ...)"` (which succeeds whatever `up` did) is healthy and keeps a run.
@@ -299,9 +302,8 @@ def readme_runs_from_top_to_bottom(root: Path, tmp_path_factory, real_data_dir) 
     pe = store.get_experiment_by_name("ablation-1-models").experiment_id
     assert {r.data.tags.get("design") for r in store.search_runs([pe])} == {"parameter-efficiency"}
     # the one-at-a-time designs: every cell over its seeds, tagged, reported
-    for name, report_dir in (("ablation-1-effects", "report-effects"), (None, None)):
-        if name is None:
-            name = re.search(r"new sweep '([^']+)'", output("--smoke --design one-at-a-time")).group(1)
+    smoke = re.search(r"new sweep '([^']+)'", output("--smoke --design one-at-a-time")).group(1)
+    for name, seeds in (("ablation-1-effects", ["0", "1"]), (smoke, ["0"])):
         runs = [r for r in store.search_runs([store.get_experiment_by_name(name).experiment_id])
                 if r.data.tags.get("sweep_role") != "parent"]
         cells = {}
@@ -312,7 +314,7 @@ def readme_runs_from_top_to_bottom(root: Path, tmp_path_factory, real_data_dir) 
         (base,) = {r.data.params[ABLATED] for r in runs if r.data.tags["ablated_dimension"] == "base"}
         others = {(ABLATED, v) for v in ("adam", "sgd") if v != base}
         assert set(cells) == {("base", "base"), *others}
-        assert all(sorted(seeds) == ["0", "1"] for seeds in cells.values())
+        assert all(sorted(found) == seeds for found in cells.values()), cells
     table = pd.read_csv(root / "report-effects" / f"one_at_a_time_{ABLATED}.csv")
     # 2 seeds: no verdict from fewer than 3 finished pairs, and the table says why
     ablated = table[table["Δ test acc vs base, points"] != "base"]

@@ -68,6 +68,10 @@ class MlflowServer(Service):
             "[mlflow]\ndefault_permission = READ\n"
             f"database_uri = sqlite:///{self.stack.dir / 'basic_auth.db'}\n"
             f"admin_username = {self.stack.username}\nadmin_password = {self.stack.password}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # A worker checks a password it accepted once a minute, not on every request: each
+            # check is a deliberately slow hash (scrypt, about 0.1-0.4 s of CPU), which a sweep's
+            # stream of metric and artifact requests otherwise pays on every call.
+            "auth_cache_ttl_seconds = 60\n")
         config.chmod(0o600)  # it holds the admin's password
         return config
