@@ -39,9 +39,11 @@ OBJECTIVES_PARAM = "objectives"
 
 def sweep_objectives(parent) -> dict[str, str] | None:
     """The objectives a sweep's parent run (an MLflow Run, or None) records, as {name: direction};
-    None for a search that weighed validation accuracy alone (HyperOpt)."""
+    None for a search that weighed one alone (HyperOpt's val_acc:max, as its parent records it):
+    a front of one objective is its best trial, so that sweep is shown against the default costs."""
     text = parent.data.params.get(OBJECTIVES_PARAM) if parent is not None else None
-    return {o.name: o.direction for o in objectives.parse(text)} if text else None
+    weighed = {o.name: o.direction for o in objectives.parse(text)} if text else {}
+    return weighed if len(weighed) > 1 else None
 
 
 def search_front(runs: pd.DataFrame, out: Path, settings: Sequence[str], study_points: Sequence[Mapping] = (),

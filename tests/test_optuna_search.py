@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -96,6 +97,25 @@ def test_a_two_objective_search_reports_every_objective_with_every_epoch(searche
     assert told == sorted([lines[-1]["val_acc"], lines[-1]["nfe"]] for lines in by_trial.values())
     # step_size only for the fixed-step solver
     assert all(("step_size" in t.params) == (t.params["solver"] == "rk4") for t in study.trials)
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_the_report_of_a_two_objective_search_shows_its_front_on_those_objectives(searches, tracking_env, tmp_path):
+    """The report reads the objectives the parent run recorded: one front, on val_acc and nfe, not
+    the default fronts a HyperOpt search gets; its trials are the non-dominated ones."""
+    from odenet import report
+
+    report.main(FIRST, str(tmp_path / "out"))
+    fronts = sorted(p.name for p in (tmp_path / "out").rglob("pareto_*.csv"))
+    assert fronts == ["pareto_val_acc_nfe.csv"], fronts
+    _, runs = children(FIRST)
+    measured = {r.info.run_id: (r.data.metrics["val_acc"], r.data.metrics["mean_fnfe"] + r.data.metrics["mean_bnfe"])
+                for r in runs}
+    dominated = {a for a, (acc, nfe) in measured.items()
+                 if any(acc2 >= acc and nfe2 <= nfe and (acc2, nfe2) != (acc, nfe) for acc2, nfe2 in measured.values())}
+    front = pd.read_csv(next((tmp_path / "out").rglob("pareto_val_acc_nfe.csv")))
+    assert set(front["run_id"]) == set(measured) - dominated
 
 
 @pytest.mark.stack
