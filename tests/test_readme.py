@@ -48,6 +48,8 @@ SMALLER = [
     (("sweeps/architecture_ablation.py", "--smoke"), [*TINY, "--num-samples", "1"]),
     # its trials do not re-evaluate: then the eval_* metrics are solver_reevaluation.py's
     (("sweeps/architecture_ablation.py",), [*TINY, "--num-samples", "2", "--no-reevaluate"]),
+    # the width curve: two widths, two seeds (the fewest an interval needs)
+    (("sweeps/parameter_efficiency.py", "--widths"), [*TINY, "--widths", "2,4", "--seeds", "2", "--no-reevaluate"]),
     (("sweeps/parameter_efficiency.py",),
      [*TINY, "--models", "odenet-simple,resnet-small", "--datasets", "fashion-mnist", "--seeds", "2",
       "--no-reevaluate"]),
@@ -299,6 +301,10 @@ def readme_runs_from_top_to_bottom(root: Path, tmp_path_factory, real_data_dir) 
     models = pd.read_csv(root / "report-models" / "parameter_efficiency_fashion-mnist.csv")
     assert list(models["value"]) == ["odenet-simple", "resnet-small"]
     assert list(models["seeds finished"]) == ["2 of 2", "2 of 2"]
+    curve = pd.read_csv(root / "report-widths" / "parameter_curve_fashion-mnist.csv")
+    assert sorted(zip(curve["model"], curve["width"], curve["n"])) == [
+        (model, width, 2) for model in ("odenet-simple", "resnet-small") for width in (2, 4)]
+    assert "## Parameter efficiency as a curve" in (root / "report-widths" / "report.md").read_text()
     pe = store.get_experiment_by_name("ablation-1-models").experiment_id
     assert {r.data.tags.get("design") for r in store.search_runs([pe])} == {"parameter-efficiency"}
     # the one-at-a-time designs: every cell over its seeds, tagged, reported
