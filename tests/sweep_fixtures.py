@@ -13,9 +13,11 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,16 +91,20 @@ def smoke_sweep(tracking_stack, real_data_dir, tmp_path_factory) -> SmokeSweep:
     """One `architecture_ablation.py --smoke` on a local Ray, logging to the tracking stack, its
     state on S3 (SeaweedFS); run once per session for every test that reads a finished sweep."""
     cwd = tmp_path_factory.mktemp("smoke")
-    # Ray's socket paths must stay under 108 bytes: its temporary folder is a short one
-    ray_tmp = tmp_path_factory.getbasetemp() / "ray"
-    env = {**os.environ, **tracking_stack.env, "HOME": str(cwd), "RAY_TMPDIR": str(ray_tmp)}
+    # Ray's socket paths must stay under 108 bytes: its temporary folder is a short one of its own
+    # (pytest's base folder is longer under pytest-xdist, which adds popen-gwN/)
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**os.environ, **tracking_stack.env, "HOME": str(cwd), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     flags = ["--smoke", "--name", SMOKE_NAME, "--storage-path", f"s3://{tracking_stack.bucket}/ray",
              "--data-dir", str(real_data_dir)]
     estimate = subprocess.run([sys.executable, ABLATION, *flags, "--estimate"], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=300)
     assert estimate.returncode == 0, estimate.stderr[-3000:]
-    run = measured_run([sys.executable, ABLATION, *flags], cwd, env, timeout=1800)
+    try:
+        run = measured_run([sys.executable, ABLATION, *flags], cwd, env, timeout=1800)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return SmokeSweep(SMOKE_NAME, run, estimate.stdout, f"ray/{SMOKE_NAME}/")
 
