@@ -10,10 +10,10 @@ SYSTEM_PACKAGES := dataset-fashion-mnist chromium postgresql
 PYTEST_ARGS ?=
 # The slowest tests are always listed, so that a new slow one shows.
 PYTEST = CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest --durations=15
-# make test runs two test files at once (pytest-xdist, a file per worker: a module's fixtures are
-# built once): most of the suite waits on Ray, servers and subprocesses, so a 2-core machine has
-# room for a second file. TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs two test files at once (pytest-xdist, a file per worker: a module's fixtures
+# are built once). Not the default: on 2 cores it took 24-28 min against 36 serial, and CPU-bound
+# tests run slower beside another file (the session note of 2026-12-05 has the runs).
+TEST_WORKERS ?= 0
 # test-quick: the in-process tests, without those that start services, Ray or a browser, or run
 # minutes of subprocesses (the markers in pyproject.toml).
 QUICK_TESTS := not stack and not ray and not browser and not slow
