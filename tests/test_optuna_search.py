@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from odenet.objectives import MEASURES
-from sweeps import searchers
 from sweeps.architecture_ablation import architecture_ablation
 from sweeps.tuning import main
 from tests.test_searchers import plant

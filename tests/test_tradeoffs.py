@@ -186,7 +186,7 @@ def test_a_widths_smoke_sweep_runs_each_family_at_each_width_and_the_report_draw
 def log_sweep(store, experiment: str, design: str, parent_params: dict, trials: list[dict]) -> str:
     """A sweep's parent run with `parent_params`, and one finished (or failed) child run per trial:
     {"params": ..., "metrics": ..., "tags": ..., "status": ...}. Returns the parent's id."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     experiment_id = store.create_experiment(experiment)
     parent = store.create_run(experiment_id, run_name=experiment,
