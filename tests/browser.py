@@ -18,6 +18,8 @@ from urllib.parse import quote
 import requests
 
 CHROMIUM = "/usr/bin/chromium"
+#: The runs table's count line, as MLflow words it for 0, 1 and many runs.
+MATCHING = re.compile(r"\b\d+ matching runs?\b")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
 TIMEOUT_MS = 60_000
@@ -86,7 +88,9 @@ def open_runs_ui(link: str, credentials: tuple[str, str] | None, experiment_id: 
 
             # The runs table as the link opens it; a parent run MLflow shows collapsed is expanded.
             page.goto(link)
-            page.get_by_text("matching runs").first.wait_for()
+            # "N matching runs", or "1 matching run" once a single run has loaded: waiting for the
+            # plural alone passed only when the page was caught at "0 matching runs" on the way
+            page.get_by_text(MATCHING).first.wait_for()
             links = {run_id: page.locator("[role=gridcell]").get_by_role("link", name=run_name, exact=True).first
                      for run_id, run_name in names.items()}
             page.wait_for_function("() => !/(^|\\D)0 matching runs/.test(document.body.innerText)")
