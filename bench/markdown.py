@@ -99,7 +99,8 @@ def _provenance(measured: Measurements, cores: int) -> list[str]:
     return [
         "## How it was measured",
         "",
-        "- Each configuration trains in a fresh process (`python -m bench.worker`); repetitions interleave "
+        "- Each configuration trains in a fresh process (forked from a server that has only imported the code: "
+        "`bench/worker.py`); repetitions interleave "
         "(A B C A B C ...); tables show medians over repetitions, ratios the median of within-repetition ratios.",
         "- **epoch s**: `fit`'s `epoch_time_s` (training + validation), mean over epochs, the first left out "
         f"from {WARM_UP_FROM_EPOCHS} epochs on; **spread %**: (max - min) / median over repetitions; "

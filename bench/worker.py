@@ -1,17 +1,23 @@
-"""One measurement in a fresh process: `python -m bench.worker SPEC` trains as SPEC says and
-prints what it measured on a line marked RESULT_MARK.
+"""One measurement in a fresh process: `spawn(SPEC)` trains as SPEC says in a process of its
+own and `collect` returns what it measured; `python -m bench.worker SPEC` does the same in the
+foreground and prints it on a line marked RESULT_MARK (for trying one measurement by hand).
 
-SPEC (JSON): `config` (RunConfig fields), `loop` (ours | reference), `dataloader` (our loop
-with training batches from a DataLoader), `threads` (torch threads). A fresh process per
-measurement keeps caches, allocator state and peak memory its own.
+SPEC: `config` (RunConfig fields), `loop` (ours | reference), `dataloader` (our loop with
+training batches from a DataLoader), `threads` (torch threads). A fresh process per measurement
+keeps caches, allocator state and peak memory its own. The processes are forked from a server
+(multiprocessing's forkserver) that has imported this module and done nothing else: importing
+torch, torchdiffeq and the models took about 4 s of CPU per measurement, most of a --quick run.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -28,25 +34,57 @@ from odenet.train import fit, resolve_device
 RESULT_MARK = "BENCH-RESULT "
 
 
-def spawn(spec: dict[str, Any]) -> subprocess.Popen:
+@dataclass
+class Running:
+    """A measurement under way: its process and the end of the pipe its result comes from."""
+
+    process: multiprocessing.process.BaseProcess
+    results: Connection
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # the server imports torch and the models once
+    return context
+
+
+def spawn(spec: dict[str, Any]) -> Running:
     """Start one measurement; `collect` waits for it."""
-    env = dict(os.environ)
-    threads = str(spec["threads"])
-    # No progress output: the measurement times the loop alone, and the driver shows the progress.
-    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
-                envvars.PROGRESS: progress.OFF})
-    return subprocess.Popen([sys.executable, "-m", "bench.worker", json.dumps(spec)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    context = _forkserver()
+    results, sending = context.Pipe(duplex=False)
+    process = context.Process(target=_measure_in_child, args=(spec, sending), daemon=True)
+    process.start()
+    sending.close()  # the child holds the only sending end: its exit is our end of file
+    return Running(process, results)
 
 
-def collect(process: subprocess.Popen) -> dict[str, Any]:
-    """What `measure` returned in the process, or an error with the end of its output."""
-    out, err = process.communicate()
-    lines = [line for line in out.splitlines() if line.startswith(RESULT_MARK)]
-    if process.returncode != 0 or not lines:
-        tail = (err or out).strip().splitlines()[-3:]
-        return dict(epochs=[], error=f"worker exited {process.returncode}: {' | '.join(tail)}")
-    return json.loads(lines[-1][len(RESULT_MARK):])
+def collect(running: Running) -> dict[str, Any]:
+    """What `measure` returned in the process, or an error saying how the process ended."""
+    try:
+        result = running.results.recv()
+    except EOFError:  # it died before sending (killed, out of memory, a crash in native code)
+        result = None
+    running.process.join()
+    running.results.close()
+    if result is None:
+        return dict(epochs=[], error=f"worker exited {running.process.exitcode} without a result")
+    return result
+
+
+def _measure_in_child(spec: dict[str, Any], sending: Connection) -> None:
+    # No progress output and nothing on the driver's terminal: the measurement times the loop
+    # alone, and the driver shows the progress. Torch's thread count is set in measure().
+    os.environ[envvars.PROGRESS] = progress.OFF
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        result = measure(spec)
+    except BaseException as exc:  # the driver reports it as this repetition's failure
+        last = traceback.format_exception_only(exc)[-1].strip()
+        result = dict(epochs=[], error=f"worker failed: {last}")
+    sending.send(result)
+    sending.close()
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:

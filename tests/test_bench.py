@@ -175,3 +175,16 @@ def test_cpu_and_gpu_runs_share_one_file_each_rewriting_its_own_section(tmp_path
     text = out.read_text()
     assert "first run" not in text and text.count("second run") == 1 and text.count("gpu tables") == 1
     assert text.index("second run") < text.index("gpu tables")  # the cpu section stays where it was
+
+
+def test_a_measurement_that_fails_or_dies_is_reported_as_such_not_lost():
+    """A worker's exception comes back as its message; a worker killed before it sends, as its exit."""
+    import signal
+
+    from bench.worker import collect, spawn
+
+    failed = collect(spawn(dict(loop="ours", dataloader=False, threads=1, config={"model": "resnet-tiny"})))
+    assert failed["epochs"] == [] and failed["error"].startswith("worker failed: ") and "resnet-tiny" in failed["error"]
+    running = spawn(dict(loop="ours", dataloader=False, threads=1, config={"model": "resnet-tiny"}))
+    os.kill(running.process.pid, signal.SIGKILL)  # at once: before it could send its (failed) result
+    assert collect(running) == dict(epochs=[], error=f"worker exited {-signal.SIGKILL} without a result")
