@@ -69,7 +69,7 @@ bench-tta: venv system-packages
 
 # The whole suite (what CI runs, .ci/run).
 test: venv checkov system-packages
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The inner loop: the in-process tests only (under 5 minutes on 2 cores).
 test-quick: venv checkov system-packages
