@@ -10,10 +10,10 @@ SYSTEM_PACKAGES := dataset-fashion-mnist chromium postgresql
 PYTEST_ARGS ?=
 # The slowest tests are always listed, so that a new slow one shows.
 PYTEST = CHECKOV_BIN=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest --durations=15
-# TEST_WORKERS=2 runs two test files at once (pytest-xdist, a file per worker: a module's fixtures
-# are built once). Not the default: on 2 cores it took 24-28 min against 36 serial, and CPU-bound
-# tests run slower beside another file (the session note of 2026-12-05 has the runs).
-TEST_WORKERS ?= 0
+# Two test files at once (pytest-xdist; a file per worker, so that a module's fixtures are built
+# once; tests/conftest.py hands out the longest first and keeps the smoke sweep's readers together).
+# On 2 cores the suite takes about 20 min against 30 serially; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 # test-quick: the in-process tests, without those that start services, Ray or a browser, or run
 # minutes of subprocesses (the markers in pyproject.toml).
 QUICK_TESTS := not stack and not ray and not browser and not slow
@@ -69,7 +69,7 @@ bench-tta: venv system-packages
 
 # The whole suite (what CI runs, .ci/run).
 test: venv checkov system-packages
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The inner loop: the in-process tests only (under 5 minutes on 2 cores).
 test-quick: venv checkov system-packages

@@ -49,29 +49,47 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# Under pytest-xdist (`make test`: two workers, --dist loadgroup) a work unit is a whole file, so
-# that a module's fixtures are built once; the files that read the session's smoke sweep form one
-# unit, so that it is run once. Units are handed out in this order, the longest first (each
-# worker's next unit when it finishes one), so that no long file starts last. Seconds of a serial
-# run on 2 cores (`--durations=0`, 2026-12-05), summed per unit; the rest follow in file order.
-LONGEST_FIRST = {"tests/test_readme.py": 414, "smoke sweep": 410, "tests/test_ray_job.py": 172,
-                 "tests/test_cluster.py": 144, "tests/test_tracking.py": 107, "tests/test_cli.py": 63,
-                 "tests/test_optuna_search.py": 60, "tests/test_bench.py": 55, "tests/test_report.py": 45,
-                 "tests/test_k8s.py": 43}
+# Under pytest-xdist (`make test`: two workers, --dist loadfile) a work unit is a whole file, so
+# that a module's fixtures are built once, except that the files reading the session's smoke
+# sweep form one unit, so that it is run once. Units are handed out in LONGEST_FIRST's order
+# (each worker takes the next when it finishes one), so that no long one starts last: seconds of
+# a serial run on 2 cores (`--durations=0`, 2026-12-05), summed per unit; the rest follow in file
+# order. (xdist's own --dist loadgroup marks do nothing under pytest 9: it renames node ids
+# through an attribute pytest no longer reads.)
 SMOKE_UNIT = "smoke sweep"
+SMOKE_SWEEP_FILES = {"tests/test_sweep.py", "tests/test_estimate.py", "tests/test_mlflow_ui.py"}
+LONGEST_FIRST = {"tests/test_readme.py": 414, SMOKE_UNIT: 342, "tests/test_ray_job.py": 172,
+                 "tests/test_cluster.py": 144, "tests/test_tracking.py": 107, "tests/test_tradeoffs.py": 68,
+                 "tests/test_cli.py": 63, "tests/test_optuna_search.py": 60, "tests/test_bench.py": 55,
+                 "tests/test_report.py": 45, "tests/test_k8s.py": 43}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def work_unit(nodeid: str) -> str:
+    file = nodeid.split("::", 1)[0]
+    return SMOKE_UNIT if file in SMOKE_SWEEP_FILES else file
+
+
 def pytest_collection_modifyitems(config, items):
-    def file(item) -> str:
-        return item.nodeid.split("::", 1)[0]
+    strays = sorted({item.nodeid.split("::", 1)[0] for item in items if "smoke_sweep" in item.fixturenames}
+                    - SMOKE_SWEEP_FILES)
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)} read the smoke sweep: add them to SMOKE_SWEEP_FILES "
+                                "in tests/conftest.py, or two workers each run it")
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable: file order otherwise
 
-    smoke_files = {file(item) for item in items if "smoke_sweep" in item.fixturenames}
-    unit = {file(item): SMOKE_UNIT if file(item) in smoke_files else file(item) for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit[file(item)]))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(unit[file(item)], len(rank)))  # stable: file order otherwise
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByWorkUnit(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    if config.getvalue("dist") == "loadfile":
+        config.option.loadscopereorder = False  # the collection's order is LONGEST_FIRST's
+        return ByWorkUnit(config, log)
+    return None
 
 
 @pytest.hookimpl(hookwrapper=True)
