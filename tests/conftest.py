@@ -59,9 +59,9 @@ def pytest_unconfigure(config):
 SMOKE_UNIT = "smoke sweep"
 SMOKE_SWEEP_FILES = {"tests/test_sweep.py", "tests/test_estimate.py", "tests/test_mlflow_ui.py"}
 LONGEST_FIRST = {"tests/test_readme.py": 414, SMOKE_UNIT: 342, "tests/test_ray_job.py": 172,
-                 "tests/test_cluster.py": 144, "tests/test_tracking.py": 107, "tests/test_tradeoffs.py": 68,
-                 "tests/test_cli.py": 63, "tests/test_optuna_search.py": 60, "tests/test_bench.py": 55,
-                 "tests/test_report.py": 45, "tests/test_k8s.py": 43}
+                 "tests/test_cluster.py": 144, "tests/test_tracking.py": 107, "tests/test_cli.py": 63,
+                 "tests/test_optuna_search.py": 60, "tests/test_bench.py": 55, "tests/test_report.py": 45,
+                 "tests/test_k8s.py": 43}
 
 
 def work_unit(nodeid: str) -> str:

@@ -25,6 +25,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from odenet.config import RunConfig
+from odenet.models import build
 from tests import readme
 from tests.conftest import REPO, table_rows
 from tests.test_ray_job import RECIPE_HEADING, readme_recipe
@@ -301,10 +303,22 @@ def readme_runs_from_top_to_bottom(root: Path, tmp_path_factory, real_data_dir) 
     models = pd.read_csv(root / "report-models" / "parameter_efficiency_fashion-mnist.csv")
     assert list(models["value"]) == ["odenet-simple", "resnet-small"]
     assert list(models["seeds finished"]) == ["2 of 2", "2 of 2"]
+    # the width curve: one finished run per family x width x seed, each with its counted parameters
+    families, widths, seeds = ("odenet-simple", "resnet-small"), (2, 4), (0, 1)
+    counted = {(m, w): sum(p.numel() for p in build(RunConfig(model=m, width=w)).parameters() if p.requires_grad)
+               for m in families for w in widths}
+    runs = [r for r in store.search_runs([store.get_experiment_by_name("widths-1").experiment_id])
+            if r.data.tags.get("sweep_role") != "parent"]
+    assert sorted((r.data.params["model"], int(r.data.params["width"]), int(r.data.params["seed"])) for r in runs) \
+        == [(m, w, s) for m in families for w in widths for s in seeds]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["params_trainable"] == counted[run.data.params["model"], int(run.data.params["width"])]
     curve = pd.read_csv(root / "report-widths" / "parameter_curve_fashion-mnist.csv")
-    assert sorted(zip(curve["model"], curve["width"], curve["n"])) == [
-        (model, width, 2) for model in ("odenet-simple", "resnet-small") for width in (2, 4)]
-    assert "## Parameter efficiency as a curve" in (root / "report-widths" / "report.md").read_text()
+    assert sorted(zip(curve["model"], curve["width"], curve["params_trainable"], curve["n"])) == [
+        (m, w, counted[m, w], len(seeds)) for m in families for w in widths]
+    widths_report = (root / "report-widths" / "report.md").read_text()
+    assert "## Parameter efficiency as a curve" in widths_report and "### fashion-mnist, width 2" in widths_report
     pe = store.get_experiment_by_name("ablation-1-models").experiment_id
     assert {r.data.tags.get("design") for r in store.search_runs([pe])} == {"parameter-efficiency"}
     # the one-at-a-time designs: every cell over its seeds, tagged, reported

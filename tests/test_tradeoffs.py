@@ -1,10 +1,11 @@
 """Parameter efficiency as a curve: the fitted lines read backwards (planted numbers, computed
-here independently), the report's curve section on planted runs, --widths' bad input."""
+here independently), the report's curve section on planted runs, --widths' bad input. A real
+--widths sweep (its runs, their counted parameters, its report's curve) runs in the README's
+order: tests/test_readme.py."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,6 @@ from odenet import tradeoffs
 from odenet.stats import fit_line, x_difference
 from sweeps.parameter_efficiency import parameter_efficiency
 from sweeps.tuning import main as sweep_main
-from tests.conftest import REPO
 
 X = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
 Y = [0.70, 0.72, 0.80, 0.79, 0.90, 0.88]
@@ -138,46 +138,6 @@ def test_the_widths_multiply_the_trials(capsys, tmp_path, monkeypatch):
     argv = ["--smoke", "--models", "odenet-simple,resnet-small", "--seeds", "2", "--estimate"]
     assert sweep_main(parameter_efficiency, [*argv, "--widths", "8,16,32"]) == 0
     assert "trials: 12\n" in capsys.readouterr().out  # 2 models x 3 widths x 2 seeds
-
-
-def test_a_widths_smoke_sweep_runs_each_family_at_each_width_and_the_report_draws_the_curve(
-        real_data_dir, tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
-    from mlflow import MlflowClient
-
-    from odenet import report
-    from odenet.config import RunConfig
-    from odenet.models import build
-
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    models, widths, seeds = ("odenet-simple", "resnet-small"), (2, 4), 2
-    program = str(REPO / "sweeps" / "parameter_efficiency.py")
-    done = subprocess.run(
-        [sys.executable, program, "--smoke", "--name", "curve", "--models", ",".join(models), "--seeds", str(seeds),
-         "--widths", ",".join(map(str, widths)), "--max-epochs", "1", "--subset", "256", "--test-subset", "100",
-         "--no-reevaluate", "--data-dir", str(real_data_dir)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    store = MlflowClient(uri)
-    runs = [r for r in store.search_runs([store.get_experiment_by_name("curve").experiment_id])
-            if r.data.tags.get("sweep_role") != "parent"]
-    cells = sorted((r.data.params["model"], int(r.data.params["width"]), int(r.data.params["seed"])) for r in runs)
-    assert cells == sorted((m, w, s) for m in models for w in widths for s in range(seeds))
-    counted = {(m, w): sum(p.numel() for p in build(RunConfig(model=m, width=w)).parameters() if p.requires_grad)
-               for m in models for w in widths}
-    for run in runs:
-        assert run.info.status == "FINISHED"
-        assert run.data.metrics["params_trainable"] == counted[run.data.params["model"], int(run.data.params["width"])]
-    report.main("curve", str(tmp_path / "report"))
-    curve = pd.read_csv(tmp_path / "report" / "parameter_curve_fashion-mnist.csv")
-    assert sorted(zip(curve["model"], curve["width"], curve["params_trainable"], curve["n"])) == sorted(
-        (m, w, counted[m, w], seeds) for m in models for w in widths)
-    text = (tmp_path / "report" / "report.md").read_text()
-    assert "## Parameter efficiency as a curve" in text and "### fashion-mnist, width 2" in text
 
 
 # -- the report's accuracy-against-cost sections, from runs logged to MLflow (no training) --------------------------
