@@ -1,6 +1,5 @@
 """One measurement in a fresh process: `spawn(SPEC)` trains as SPEC says in a process of its
-own and `collect` returns what it measured; `python -m bench.worker SPEC` does the same in the
-foreground and prints it on a line marked RESULT_MARK (for trying one measurement by hand).
+own and `collect` returns what it measured.
 
 SPEC: `config` (RunConfig fields), `loop` (ours | reference), `dataloader` (our loop with
 training batches from a DataLoader), `threads` (torch threads). A fresh process per measurement
@@ -11,10 +10,9 @@ torch, torchdiffeq and the models took about 4 s of CPU per measurement, most of
 
 from __future__ import annotations
 
-import json
+import functools
 import multiprocessing
 import os
-import sys
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -31,9 +29,6 @@ from odenet.config import RunConfig
 from odenet.failures import Diverged
 from odenet.train import fit, resolve_device
 
-RESULT_MARK = "BENCH-RESULT "
-
-
 @dataclass
 class Running:
     """A measurement under way: its process and the end of the pipe its result comes from."""
@@ -42,6 +37,7 @@ class Running:
     results: Connection
 
 
+@functools.cache
 def _forkserver() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # the server imports torch and the models once
@@ -118,6 +114,3 @@ class DataLoaderSplit(data_module.Split):
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator):
             yield x.to(device), y.to(device)
 
-
-if __name__ == "__main__":
-    print(RESULT_MARK + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)

@@ -64,13 +64,16 @@ LONGEST_FIRST = {"tests/test_readme.py": 414, SMOKE_UNIT: 342, "tests/test_ray_j
                  "tests/test_k8s.py": 43}
 
 
+def file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def work_unit(nodeid: str) -> str:
-    file = nodeid.split("::", 1)[0]
-    return SMOKE_UNIT if file in SMOKE_SWEEP_FILES else file
+    return SMOKE_UNIT if file_of(nodeid) in SMOKE_SWEEP_FILES else file_of(nodeid)
 
 
 def pytest_collection_modifyitems(config, items):
-    strays = sorted({item.nodeid.split("::", 1)[0] for item in items if "smoke_sweep" in item.fixturenames}
+    strays = sorted({file_of(item.nodeid) for item in items if "smoke_sweep" in item.fixturenames}
                     - SMOKE_SWEEP_FILES)
     if strays:
         raise pytest.UsageError(f"{', '.join(strays)} read the smoke sweep: add them to SMOKE_SWEEP_FILES "

@@ -58,18 +58,16 @@ class SeaweedFS(Service):
         s3 = stack.s3_client()
         if stack.bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
             s3.create_bucket(Bucket=stack.bucket)
-        self._wait_until(self._reads_back, timeout=60)
+        self._wait_until(lambda: self._reads_back(quick), timeout=60)
 
-    def _reads_back(self) -> bool:
-        """The bucket gives back what it holds (its readable marker, written on the first start)."""
-        quick = self.stack.s3_client(**ONE_QUICK_TRY)
+    def _reads_back(self, s3) -> bool:
+        """The bucket gives back what it holds (its readable marker, written on the first start);
+        any other error means not yet (_wait_until tries again)."""
         try:
-            return quick.get_object(Bucket=self.stack.bucket, Key=READABLE_KEY)["Body"].read() == b"ok"
-        except quick.exceptions.NoSuchKey:
-            quick.put_object(Bucket=self.stack.bucket, Key=READABLE_KEY, Body=b"ok")
+            return s3.get_object(Bucket=self.stack.bucket, Key=READABLE_KEY)["Body"].read() == b"ok"
+        except s3.exceptions.NoSuchKey:
+            s3.put_object(Bucket=self.stack.bucket, Key=READABLE_KEY, Body=b"ok")
             return False  # read it back on the next try
-        except Exception:
-            return False
 
     def healthy(self) -> bool:
         """S3 answers for the bucket."""
