@@ -29,7 +29,7 @@ from odenet.progress import check as check_output_settings
 from odenet.tracker import IDENTITY_TAG, MlflowTracker
 from odenet.report import SEARCH
 from odenet.run import execute, resumed
-from sweeps import estimate, naming, places, searchers
+from sweeps import estimate, naming, places, searchers, trial_checkpoints
 from sweeps.space import Dimension, SweepError, check_cells, check_space, describe_space
 
 # What a sweep's trials are measured on when its program names no searcher plan (the designs:
@@ -45,9 +45,12 @@ STOPPED = "STOPPED"
 # driver dies with it) costs: Tune uploads the sweep's state, which names each trial's latest
 # checkpoint, at once when a trial has made this many checkpoints since the last upload, and
 # otherwise at least every 10 s (Tune's "auto" snapshot period, which grows only when a
-# snapshot takes over half a second). So a restore trains again at most this many epochs of a
-# trial, plus the epoch in flight. SyncConfig's sync_period does not enter: in Ray 2.60 it
-# throttles only the upload of trial artifacts, which the sweep does not make.
+# snapshot takes over half a second). Tune deletes the checkpoint the last upload named at that
+# same moment; a head lost before the new upload lands would leave a state naming deleted
+# checkpoints, which sweeps/trial_checkpoints.py repairs from the newest one on storage. So a
+# restore trains again at most this many epochs of a trial, plus the epoch in flight.
+# SyncConfig's sync_period does not enter: in Ray 2.60 it throttles only the upload of trial
+# artifacts, which the sweep does not make.
 CHECKPOINTS_KEPT = 2
 
 
@@ -395,7 +398,9 @@ def start(args: argparse.Namespace, base: RunConfig, space: dict[str, Dimension]
                                  tags={"design": design}, objectives=objectives)
     return Sweep(name=name, experiment=experiment, space=space, designed=cells is not None, columns=columns,
                  where=where, restoring=restoring, parent_run_id=parent,
-                 trainable=tune.with_resources(trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}),
+                 trainable=trial_checkpoints.restoring_newest(
+                     tune.with_resources(trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}),
+                     kept=CHECKPOINTS_KEPT),
                  num_samples=num_samples, max_concurrent=args.max_concurrent, max_failures=args.max_failures,
                  objectives=objectives, ranked=plan is None or plan.searcher == searchers.HYPEROPT)
 

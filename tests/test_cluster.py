@@ -341,7 +341,8 @@ def test_the_head_lost_mid_sweep_the_retried_job_restores_the_sweep_from_s3(clus
     trials = [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
     assert sorted(r.data.tags["run_identity"] for r in trials) == sorted(at_kill), "one MLflow run per trial"
     for run in trials:
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED", (f"{run.info.status}: {run.data.tags.get('failure_cause')}: "
+                                               f"{run.data.tags.get('failure_detail')}\n{out[-6000:]}")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == list(range(1, HEAD_KILL_MAX_EPOCHS + 1)), f"epochs lost or logged twice: {steps}"
 
@@ -359,4 +360,5 @@ def test_the_head_lost_mid_sweep_the_retried_job_restores_the_sweep_from_s3(clus
             f"trial {trial} trained epochs {repeated[trial]} again: more than its unsynced checkpoints and the one in flight"
     print(f"head killed {killed_at - first_epoch_at:.0f} s after the first epoch, trials at epochs {at_kill}; "
           f"epochs trained again {repeated}; first new epoch "
-          f"{(progressed_at or float('nan')) - resubmitted_at:.0f} s after the resubmission (new cluster up at {resubmitted_at - killed_at:.0f} s after the kill)")
+          f"{(progressed_at or float('nan')) - resubmitted_at:.0f} s after the resubmission (new cluster up at {resubmitted_at - killed_at:.0f} s after the kill); "
+          f"checkpoints rebuilt because the state named deleted ones: {out.count('resuming from the newest one on storage')}")
