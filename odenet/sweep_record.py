@@ -45,15 +45,14 @@ def start_parent_run(experiment: str, sweep_name: str, params: dict[str, str], r
     return run.info.run_id
 
 
-def finish_parent_run(parent_run_id: str, table, status: str = "FINISHED") -> None:
-    """The results table as CSV and markdown on the parent run, which then ends with `status`:
-    FAILED for a sweep with trials in error, which naming it again restores."""
+def finish_parent_run(parent_run_id: str, table) -> None:
+    """The results table as CSV and markdown on the parent run, which then finishes."""
     client = tracking.client()
     with tempfile.TemporaryDirectory() as folder:
         table.to_csv(Path(folder) / "results.csv", index=False)
         (Path(folder) / "results.md").write_text(table.to_markdown(index=False, floatfmt=".4g"))
         client.log_artifacts(parent_run_id, folder)
-    client.set_terminated(parent_run_id, status)
+    client.set_terminated(parent_run_id, "FINISHED")
 
 
 # The epoch metrics a run's summary (odenet.summary.summarize) is computed from.

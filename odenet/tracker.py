@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 # A tag that names what a run is for (a Tune trial's id): one run per identity.
 IDENTITY_TAG = "run_identity"
-# Tags that say how a run failed: failure_cause, failure_detail, failure_epoch, failure_batch.
-FAILURE_TAG_PREFIX = "failure_"
 
 
 def _retry_budget_s() -> float:
@@ -179,11 +177,6 @@ class MlflowTracker:
             self.run_id = resume_run_id
             running = RunStatus.to_string(RunStatus.RUNNING)
             _retrying(lambda: mlflow_client.update_run(resume_run_id, status=running), "reopening the run", deadline)
-            # A failure recorded on the run (a trial in error that a restored sweep runs again)
-            # described the attempt that ended, not the run that goes on.
-            tags = _retrying(lambda: mlflow_client.get_run(resume_run_id).data.tags, "reading the run", deadline)
-            for key in [k for k in tags if k.startswith(FAILURE_TAG_PREFIX)]:
-                _retrying(lambda: mlflow_client.delete_tag(resume_run_id, key), "clearing the failure", deadline)
             self._logged_epochs = _retrying(
                 lambda: {m.step for m in mlflow_client.get_metric_history(resume_run_id, "val_acc")},
                 "reading the run", deadline)

@@ -343,22 +343,12 @@ class Sweep:
         )
 
     def finish(self, result_grid):
-        """Print the results table, log it to the parent run (which finishes) and say where things are.
-        Trials in error (a fault past --max-failures restarts, not a diverged run) leave the sweep
-        unfinished: its parent run FAILED and TrialsFailed, so that the same command, or a RayJob's
-        retry, restores it and runs them again from their last checkpoints."""
+        """Print the results table, log it to the parent run (which finishes) and say where things are."""
         table = results_table(result_grid, [*self.space, *self.columns])
         print(table.to_markdown(index=False, floatfmt=".4g"))
-        errored = sorted(Path(r.path or "").name for r in result_grid if r.error is not None)
-        sweep_record.finish_parent_run(self.parent_run_id, table, "FAILED" if errored else "FINISHED")
+        sweep_record.finish_parent_run(self.parent_run_id, table)
         print(f"results logged to MLflow run {self.parent_run_id} (experiment {self.experiment!r})")
         tracking.print_ui_hint(self.experiment, params=[*self.space])
-        if errored:
-            raise TrialsFailed(
-                f"sweep {self.name!r} is unfinished: {len(errored)} of {len(result_grid)} trials ended in error "
-                f"after {self.max_failures} restarts each ({', '.join(errored)}; each trial folder's error.txt "
-                f"in {self.where.storage_path.rstrip('/')}/{self.name} says why). Run the same command again "
-                f"(--name {self.name}) to run them again from their last checkpoints; a RayJob does so by itself")
         print(f"sweep {self.name!r} done: {self.where.describe(self.name)}")
         return table
 
@@ -444,13 +434,8 @@ def cost(base: RunConfig, space: dict[str, Dimension], cells: list[dict[str, Any
     return estimate.estimate(trials)
 
 
-class TrialsFailed(RuntimeError):
-    """A sweep ended with trials in error; the message names them and how to run them again."""
-
-
 def main(program: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
-    """Run a sweep program, turning bad input into one clear message and exit code 2, and a sweep
-    left unfinished by trials in error into exit code 1."""
+    """Run a sweep program, turning bad input into one clear message and exit code 2."""
     from odenet.data import DataError
 
     try:
@@ -460,7 +445,4 @@ def main(program: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             places.PlaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrialsFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     return 0
